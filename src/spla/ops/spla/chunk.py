@@ -86,16 +86,16 @@ def _gather(x_blocks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, H, K * x_blocks.shape[2], x_blocks.shape[3])
 
 
-def _sparse_chunk(qc, qlc, K, V, KL, valid, scale, fmap):
+def _sparse_chunk(qc, fq, K, V, FK, valid, scale):
     """Exact attention over the gathered tokens and the selected linear term over the same tiles.
 
-    qc `[n, H, G, D]`, qlc `[n, H, G, Dl]`, K/V/KL `[n, H, N, *]`, valid `[n, H, N]` bool.
-    Returns o `[n, H, G, Dv]`, sel_lin `[n, H, G, Dv]`, sel_mass `[n, H, G]`.
+    qc `[n, H, G, D]`, fq = phi(q_lin) `[n, H, G, F]`, K/V/FK = gathered k, v, phi(k_lin) `[n, H, N, *]`,
+    valid `[n, H, N]` bool. Returns o `[n, H, G, Dv]`, sel_lin `[n, H, G, Dv]`, sel_mass `[n, H, G]`.
     """
     s = torch.einsum("nhgd,nhkd->nhgk", qc, K) * scale
     s = s.masked_fill(~valid[:, :, None], float("-inf"))
     o = torch.einsum("nhgk,nhkd->nhgd", torch.softmax(s, -1), V)
-    w = torch.einsum("nhgf,nhkf->nhgk", feature_map(qlc, fmap), feature_map(KL, fmap)) * valid[:, :, None]
+    w = torch.einsum("nhgf,nhkf->nhgk", fq, FK) * valid[:, :, None]
     return o, torch.einsum("nhgk,nhkd->nhgd", w, V), w.sum(-1)
 
 
@@ -108,15 +108,20 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return xp.view(nb, block_size, H, D).permute(2, 0, 1, 3)
 
 
-def _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size, cu_seqlens):
-    """Yield per query chunk: (b, rows slice, idx, gathered-index info) with the gathered K/V/k_lin tiles."""
+def _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size, cu_seqlens, fmap=None):
+    """Yield per query chunk its rows, positions, validity and the gathered K, V, k_lin tiles.
+
+    With ``fmap`` the third gathered tile is phi(k_lin), computed once per sequence (forward only).
+    """
     B, T, HQ, D = q.shape
-    H, Dv, Dl = k.shape[2], v.shape[-1], k_lin.shape[-1]
+    H, Dv = k.shape[2], v.shape[-1]
     acc = compute_dtype(q.dtype)
     for b, start, end in segments(B, T, cu_seqlens):
         L = end - start
-        kb, vb, klb = (_blocks(x[b, start:end].to(acc), block_size) for x in (k, v, k_lin))
-        per_row = H * indices.shape[-1] * block_size * (D + Dv + Dl)
+        kls = k_lin[b, start:end]
+        kls = feature_map(kls, fmap) if fmap else kls.to(acc)
+        kb, vb, klb = (_blocks(x, block_size) for x in (k[b, start:end].to(acc), v[b, start:end].to(acc), kls))
+        per_row = H * indices.shape[-1] * block_size * (D + Dv + kls.shape[-1])
         for t0, t1 in _chunk_rows(L, block_size, per_row):
             idx = indices[b, start + t0:start + t1].long()  # [n, H, K]
             idxc = idx.clamp(min=0)
@@ -139,12 +144,12 @@ class SparseSelectedFunction(torch.autograd.Function):
         o = q.new_empty(B, T, HQ, Dv, dtype=acc)
         sel_lin = q.new_empty(B, T, HQ, Dv, dtype=acc)
         sel_mass = q.new_empty(B, T, HQ, dtype=acc)
-        for b, _, _, rows, _, _, valid, K, V, KL in _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size,
-                                                                cu_seqlens):
+        for b, _, _, rows, _, _, valid, K, V, FK in _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size,
+                                                                cu_seqlens, fmap):
             n = rows.stop - rows.start
             qc = q[b, rows].to(acc).view(n, H, G, D)
-            qlc = q_lin[b, rows].to(acc).view(n, H, G, -1)
-            oc, lc, mc = _sparse_chunk(qc, qlc, K, V, KL, valid, scale, fmap)
+            fq = feature_map(q_lin[b, rows].view(n, H, G, -1), fmap)
+            oc, lc, mc = _sparse_chunk(qc, fq, K, V, FK, valid, scale)
             o[b, rows], sel_lin[b, rows], sel_mass[b, rows] = oc.flatten(1, 2), lc.flatten(1, 2), mc.flatten(1)
         ctx.save_for_backward(q, k, v, q_lin, k_lin, indices, cu_seqlens)
         ctx.args = (block_size, scale, fmap)
@@ -170,7 +175,8 @@ class SparseSelectedFunction(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [q[b, rows].to(acc).view(n, H, G, D), q_lin[b, rows].to(acc).view(n, H, G, Dl), K, V, KL]
                 leaves = [x.detach().requires_grad_() for x in leaves]
-                outs = _sparse_chunk(*leaves, valid, scale, fmap)
+                qc, qlc, K_, V_, KL_ = leaves
+                outs = _sparse_chunk(qc, feature_map(qlc, fmap), K_, V_, feature_map(KL_, fmap), valid, scale)
                 grads = torch.autograd.grad(
                     outs, leaves, (do[b, rows].view(n, H, G, Dv), dsel_lin[b, rows].view(n, H, G, Dv),
                                    dsel_mass[b, rows].view(n, H, G)))

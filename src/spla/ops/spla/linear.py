@@ -1,0 +1,203 @@
+# -*- coding: utf-8 -*-
+"""Triton kernels of SPLA's linear branch: the feature map phi and the chunked causal global linear attention.
+
+``glob[t] = phi(q_lin_t)·S_t`` and ``glob_mass[t] = phi(q_lin_t)·z_t`` with the undecayed fp32 state
+``S_t = sum_{i<=t} phi(k_lin_i)^T v_i``, ``z_t = sum_{i<=t} phi(k_lin_i)``, restarted at every sequence
+(SPEC §4). Two kernels, fla style: :func:`spla_fwd_kernel_linear_h` walks the chunks of one sequence and
+stores the state *before* each chunk (fp32), :func:`spla_fwd_kernel_linear` adds the inter-chunk term
+``phi(q)·S_chunk`` and the causal intra-chunk term in parallel over chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+FMAP_IDS = {"softmax2": 0, "elu1": 1, "relu2": 2}
+
+
+@triton.jit
+def spla_fwd_kernel_feature(
+    x,  # [N, NH, DL]
+    y,  # [N, NH, F]
+    NH: tl.constexpr,
+    DL: tl.constexpr,
+    F: tl.constexpr,
+    BH: tl.constexpr,
+    BDL: tl.constexpr,
+    FMAP: tl.constexpr,
+):
+    """phi of one token's heads, computed in fp32 and stored in ``y``'s dtype."""
+    i_t = tl.program_id(0).to(tl.int64)
+    o_h = tl.arange(0, BH)
+    o_d = tl.arange(0, BDL)
+    m_x = (o_h[:, None] < NH) & (o_d[None, :] < DL)
+    # [BH, BDL]
+    b_x = tl.load(x + (i_t * NH + o_h[:, None]) * DL + o_d[None, :], mask=m_x, other=0.).to(tl.float32)
+    p_y = y + (i_t * NH + o_h[:, None]) * F + o_d[None, :]
+    if FMAP == 0:
+        b_a = tl.where(m_x, b_x, float('-inf'))
+        b_a = tl.exp(b_a - tl.max(b_a, 1)[:, None])
+        b_a = b_a / tl.sum(b_a, 1)[:, None]
+        b_b = tl.where(m_x, -b_x, float('-inf'))
+        b_b = tl.exp(b_b - tl.max(b_b, 1)[:, None])
+        b_b = b_b / tl.sum(b_b, 1)[:, None]
+        tl.store(p_y, b_a.to(y.dtype.element_ty), mask=m_x)
+        tl.store(p_y + DL, b_b.to(y.dtype.element_ty), mask=m_x)
+    elif FMAP == 1:
+        b_a = tl.where(b_x > 0, b_x + 1., tl.exp(tl.minimum(b_x, 0.)))
+        tl.store(p_y, b_a.to(y.dtype.element_ty), mask=m_x)
+    else:
+        tl.store(p_y, tl.maximum(b_x, 0.).to(y.dtype.element_ty), mask=m_x)
+        tl.store(p_y + DL, tl.maximum(-b_x, 0.).to(y.dtype.element_ty), mask=m_x)
+
+
+def feature_map_fwd(x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """phi(x) for `[N, NH, DL]` -> `[N, NH, F]` in ``dtype`` (computed in fp32)."""
+    N, NH, DL = x.shape
+    F = DL if name == "elu1" else 2 * DL
+    y = x.new_empty(N, NH, F, dtype=dtype)
+    spla_fwd_kernel_feature[(N,)](x, y, NH=NH, DL=DL, F=F, BH=triton.next_power_of_2(NH),
+                                  BDL=triton.next_power_of_2(DL), FMAP=FMAP_IDS[name], num_warps=4)
+    return y
+
+
+@triton.jit(do_not_specialize=['NT'])
+def spla_fwd_kernel_linear_h(
+    fk,  # [T, H, F]
+    v,  # [T, H, DV]
+    h,  # [NT, H, F, DV] fp32: the state before each chunk
+    z,  # [NT, H, F] fp32
+    seq_bos,  # [N] int64
+    seq_len,  # [N] int64
+    seq_coff,  # [N] int64 first chunk of each sequence
+    NT,
+    H: tl.constexpr,
+    F: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(seq_bos + i_n).to(tl.int64)
+    L = tl.load(seq_len + i_n).to(tl.int64)
+    coff = tl.load(seq_coff + i_n).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < F, o_v < DV
+    o_c = tl.arange(0, BC)
+    # [BK, BV]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    # [BK]
+    b_z = tl.zeros([BK], dtype=tl.float32)
+    for i_c in range(tl.cdiv(L, BC)):
+        i_g = coff + i_c
+        tl.store(h + ((i_g * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], b_h, mask=m_k[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(z + (i_g * H + i_h) * F + o_k, b_z, mask=m_k)
+        o_t = i_c * BC + o_c
+        m_t = o_t < L
+        # [BC, BK]
+        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BC, BV]
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_h += tl.dot(tl.trans(b_fk), b_v.to(b_fk.dtype), input_precision=DOT_PREC)
+        b_z += tl.sum(b_fk.to(tl.float32), 0)
+
+
+@triton.jit
+def spla_fwd_kernel_linear(
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    v,  # [T, H, DV]
+    h,  # [NT, H, F, DV] fp32
+    z,  # [NT, H, F] fp32
+    o,  # [T, HQ, DV] fp32
+    om,  # [T, HQ] fp32
+    chunk_bos,  # [NT] int64
+    chunk_t0,  # [NT] int64
+    chunk_len,  # [NT] int64
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    F: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_hq, i_v, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_h = i_hq // G
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)
+    L = tl.load(chunk_len + i_c).to(tl.int64)
+    o_t = t0 + tl.arange(0, BC)
+    m_t = o_t < L
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    # [BC, BV]
+    b_o = tl.zeros([BC, BV], dtype=tl.float32)
+    # [BC, BC]
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    # [BC]
+    b_m = tl.zeros([BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(F, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        # [BC, BK]
+        b_fq = tl.load(fq + ((bos + o_t[:, None]) * HQ + i_hq) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BK, BV]
+        b_h = tl.load(h + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        # [BK]
+        b_z = tl.load(z + (i_c * H + i_h) * F + o_k, mask=m_k, other=0.)
+        b_o += tl.dot(b_fq.to(tl.float32), b_h, input_precision=DOT_PREC)
+        b_A += tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
+        b_m += tl.sum(b_fq.to(tl.float32) * b_z[None, :], 1)
+    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
+    b_A = tl.where(m_A, b_A, 0.)
+    # [BC, BV]
+    b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    b_o += tl.dot(b_A.to(b_fq.dtype), b_v.to(b_fq.dtype), input_precision=DOT_PREC)
+    b_m += tl.sum(b_A, 1)
+    tl.store(o + ((bos + o_t[:, None]) * HQ + i_hq) * DV + o_v[None, :], b_o, mask=m_t[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(om + (bos + o_t) * HQ + i_hq, b_m, mask=m_t)
+
+
+def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta: dict,
+                      chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal global linear attention of packed inputs.
+
+    Args:
+        fq (torch.Tensor): `[T, HQ, F]` phi(q_lin). fk (torch.Tensor): `[T, H, F]` phi(k_lin). v: `[T, H, DV]`.
+        meta (dict): the packed layout (see ``parallel._prepare_meta``).
+    Returns:
+        ``glob [T, HQ, DV]`` fp32 and ``glob_mass [T, HQ]`` fp32.
+    """
+    T, HQ, F = fq.shape
+    H, DV = fk.shape[1], v.shape[-1]
+    G = HQ // H
+    NT = meta["chunk_bos"].numel()
+    N = meta["seq_bos"].numel()
+    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
+    h = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
+    z = fq.new_empty(NT, H, F, dtype=torch.float32)
+    BK = min(64, triton.next_power_of_2(F))
+    BV = min(64, triton.next_power_of_2(DV))
+    spla_fwd_kernel_linear_h[(triton.cdiv(F, BK), triton.cdiv(DV, BV), N * H)](
+        fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
+        H=H, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, num_warps=4, num_stages=2)
+    o = fq.new_empty(T, HQ, DV, dtype=torch.float32)
+    om = fq.new_empty(T, HQ, dtype=torch.float32)
+    spla_fwd_kernel_linear[(HQ, triton.cdiv(DV, BV), NT)](
+        fq, fk, v, h, z, o, om, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
+        HQ=HQ, H=H, G=G, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, num_warps=4, num_stages=2)
+    return o, om

@@ -1,0 +1,542 @@
+# -*- coding: utf-8 -*-
+"""The Triton forward of SPLA (``backend="triton"``), following the torch backend (``chunk.py``) stage by stage.
+
+1. :func:`spla_fwd_kernel_stats` - per complete block and KV head, fp32: the mean key, the diagonal variance
+   and the ``rep_keys`` representative keys (largest ``||k - mean||``, ties: lower position first).
+2. :func:`spla_fwd_kernel_topk` - per tile of query tokens inside one query block (they share the forced and
+   candidate sets) and KV head: the block scores of all G heads of the group as the rows of one ``tl.dot``,
+   pass 1 the per-head log-sum-exp over the candidates (online), pass 2 the group score
+   ``s_j = sum_h exp(l_hj - lse_h)`` and an online top-k kept in registers: each score is packed with its
+   block id into an int64 key (order-preserving float bits in the high word, ``2^31-1-j`` in the low word, so
+   equal scores prefer the lower block) and merged with ``tl.sort``. No ``[T, T/block]`` matrix is written.
+   The forced blocks are merged in and the ids sorted ascending, -1 padded.
+3. :func:`spla_fwd_kernel_sparse` - one program per query token and KV head, the G query heads as the rows
+   of ``tl.dot`` (padded to 16): exact online-softmax attention over the selected blocks and, over the same
+   K/V tiles, the selected linear term ``sum_{i in U} (phi(q)·phi(k_i)) v_i`` and its mass. It also finishes
+   the residual: ``o_rla = glob - selected``, exactly 0 where the selected tokens are all the visible ones
+   (decided by counting them, as ``chunk.finish_residual`` does).
+4. ``linear.py`` - the feature maps and the chunked causal global linear attention (fp32 state).
+
+``selection="oracle"``, ``cov="full"`` and block sizes whose query tile would be below 16 rows take the
+indices from :func:`spla.ops.spla.chunk.chunk_spla_select`; every other stage still runs in Triton.
+Gradients: :class:`ParallelSPLAFunction` recomputes the torch backend in its backward (until the backward
+kernels exist), so the op stays differentiable and exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from spla.ops.spla.chunk import (SparseSelectedFunction, chunk_global_linear_attn, chunk_spla_select,
+                                 finish_residual)
+from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
+from spla.ops.spla.utils import SPLAOutput, feature_map
+
+# chunk length of the global linear attention
+LINEAR_CHUNK = 64
+# rows (query tokens x padded group heads) of one scoring tile
+TOPK_ROWS = 64
+
+
+@triton.jit
+def spla_fwd_kernel_stats(
+    k,  # [T, H, D]
+    mean,  # [NB, H, D] fp32
+    var,  # [NB, H, D] fp32
+    reps,  # [NB, H, R, D] fp32
+    blk_tok,  # [NB] int64 first token of every complete block
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    R: tl.constexpr,
+    SECOND: tl.constexpr,
+):
+    i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    t0 = tl.load(blk_tok + i_b).to(tl.int64)
+    o_s = tl.arange(0, BSP)
+    o_d = tl.arange(0, BD)
+    m_s, m_d = o_s < BS, o_d < D
+    m_k = m_s[:, None] & m_d[None, :]
+    # [BSP, BD]
+    b_k = tl.load(k + ((t0 + o_s[:, None]) * H + i_h) * D + o_d[None, :], mask=m_k, other=0.).to(tl.float32)
+    # [BD]
+    b_mean = tl.sum(b_k, 0) / BS
+    tl.store(mean + (i_b * H + i_h) * D + o_d, b_mean, mask=m_d)
+    # [BSP, BD]
+    b_d = tl.where(m_k, b_k - b_mean[None, :], 0.)
+    if SECOND:
+        tl.store(var + (i_b * H + i_h) * D + o_d, tl.sum(b_d * b_d, 0) / BS, mask=m_d)
+    if R > 0:
+        # [BSP] squared deviation norms; padded rows can never win
+        b_n = tl.where(m_s, tl.sum(b_d * b_d, 1), -1.)
+        for r in tl.static_range(R):
+            b_max = tl.max(b_n, 0)
+            i_sel = tl.min(tl.where(b_n == b_max, o_s, BSP), 0)
+            b_r = tl.sum(tl.where(o_s[:, None] == i_sel, b_k, 0.), 0)
+            tl.store(reps + ((i_b * H + i_h) * R + r) * D + o_d, b_r, mask=m_d)
+            b_n = tl.where(o_s == i_sel, -2., b_n)
+
+
+@triton.jit
+def _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs,
+           BT: tl.constexpr, GP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, R: tl.constexpr,
+           TAYLOR2: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Block log scores of `[BT*GP, BD]` query rows on `[KP, BD]` blocks -> `[BT, GP, KP]`."""
+    b_s = tl.dot(b_q, tl.trans(b_mean), input_precision=DOT_PREC) * c1
+    if TAYLOR2:
+        b_s += c2 * tl.dot(b_q2, tl.trans(b_var), input_precision=DOT_PREC)
+    b_s = tl.reshape(b_s, [BT, GP, KP])
+    if R > 0:
+        # [BT*GP, KP*RP] -> [BT, GP, KP, RP]
+        b_r = tl.dot(b_q, tl.trans(b_rep), input_precision=DOT_PREC)
+        b_r = tl.where(m_r[None, :], b_r, float('-inf'))
+        b_r = tl.max(tl.reshape(b_r, [BT, GP, KP, RP]), 3) * c1 - log_bs
+        b_s = tl.maximum(b_s, b_r)
+    return b_s
+
+
+@triton.jit
+def _first_half(x, BT: tl.constexpr, N: tl.constexpr):
+    """`[BT, 2N]` -> its first `N` columns."""
+    y = tl.permute(tl.reshape(x, [BT, 2, N]), (0, 2, 1))
+    a, b = tl.split(y)
+    return a
+
+
+@triton.jit
+def spla_fwd_kernel_topk(
+    q,  # [T, HQ, D]
+    mean,  # [NB, H, D] fp32
+    var,  # [NB, H, D] fp32
+    reps,  # [NB, H, R, D] fp32
+    indices,  # [T, H, TOPK] int32
+    tile_bos,  # [NQ] int64 first token of the tile's sequence
+    tile_t0,  # [NQ] int64 first position of the tile inside its sequence
+    tile_len,  # [NQ] int64 length of the tile's sequence
+    tile_boff,  # [NQ] int64 first complete block of the tile's sequence
+    c1,  # scale
+    c2,  # 0.5 * scale ** 2
+    log_bs,  # log(block_size)
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    KP: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    TOPK: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BS: tl.constexpr,
+    TAYLOR2: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_n, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bos = tl.load(tile_bos + i_n).to(tl.int64)
+    t0 = tl.load(tile_t0 + i_n).to(tl.int64)
+    L = tl.load(tile_len + i_n).to(tl.int64)
+    boff = tl.load(tile_boff + i_n).to(tl.int64)
+    # the tile's own block c, forced set F and candidates lo <= j < hi (SPEC §2)
+    c = t0 // BS
+    lo = SINK
+    hi = tl.maximum(c - LOCAL + 1, lo)
+    n_sink = tl.minimum(c + 1, SINK)
+    l_lo = tl.maximum(c - LOCAL + 1, n_sink)
+    n_loc = c - l_lo + 1
+    n_free = TOPK - n_sink - n_loc
+
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < L
+    o_k = tl.arange(0, KP)
+    BIG = 2147483647
+    if hi - lo > n_free:
+        # rows: token-major, group-head-minor [BT*GP]
+        o_r = tl.arange(0, BT * GP)
+        r_t, r_g = t0 + o_r // GP, o_r % GP
+        m_row = (r_t < L) & (r_g < G)
+        o_d = tl.arange(0, BD)
+        m_d = o_d < D
+        # [BT*GP, BD]
+        b_q = tl.load(q + ((bos + r_t[:, None]) * HQ + i_h * G + r_g[:, None]) * D + o_d[None, :],
+                      mask=m_row[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        b_q2 = b_q * b_q
+        o_g = tl.arange(0, GP)
+        o_kr = tl.arange(0, KP * RP)
+        m_r = (o_kr % RP) < R
+        b_var = tl.zeros([KP, BD], dtype=tl.float32)
+        b_rep = tl.zeros([KP * RP, BD], dtype=tl.float32)
+        if G > 1:
+            # pass 1: per-head log-sum-exp over the candidates, online
+            b_m = tl.full([BT, GP], float('-inf'), dtype=tl.float32)
+            b_l = tl.zeros([BT, GP], dtype=tl.float32)
+            for j0 in range(lo, hi, KP):
+                o_j = j0 + o_k
+                m_j = o_j < hi
+                p_j = (boff + o_j) * H + i_h
+                # [KP, BD]
+                b_mean = tl.load(mean + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+                if TAYLOR2:
+                    b_var = tl.load(var + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+                if R > 0:
+                    p_r = (boff + j0 + o_kr // RP) * H + i_h
+                    m_rr = m_r & ((j0 + o_kr // RP) < hi)
+                    # [KP*RP, BD]
+                    b_rep = tl.load(reps + (p_r[:, None] * R + o_kr[:, None] % RP) * D + o_d[None, :],
+                                    mask=m_rr[:, None] & m_d[None, :], other=0.)
+                # [BT, GP, KP]
+                b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KP, RP, R, TAYLOR2, DOT_PREC)
+                b_s = tl.where(m_j[None, None, :], b_s, float('-inf'))
+                b_mn = tl.maximum(b_m, tl.max(b_s, 2))
+                b_l = b_l * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn[:, :, None]), 2)
+                b_m = b_mn
+            b_lse = b_m + tl.log(b_l)
+        # pass 2: group scores and the online top-k of packed (score, block) keys
+        b_top = tl.full([BT, KP], -9223372036854775807 - 1, dtype=tl.int64)
+        for j0 in range(lo, hi, KP):
+            o_j = j0 + o_k
+            m_j = o_j < hi
+            p_j = (boff + o_j) * H + i_h
+            b_mean = tl.load(mean + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+            if TAYLOR2:
+                b_var = tl.load(var + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+            if R > 0:
+                p_r = (boff + j0 + o_kr // RP) * H + i_h
+                m_rr = m_r & ((j0 + o_kr // RP) < hi)
+                b_rep = tl.load(reps + (p_r[:, None] * R + o_kr[:, None] % RP) * D + o_d[None, :],
+                                mask=m_rr[:, None] & m_d[None, :], other=0.)
+            b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KP, RP, R, TAYLOR2, DOT_PREC)
+            if G > 1:
+                b_p = tl.where((o_g < G)[None, :, None], tl.exp(b_s - b_lse[:, :, None]), 0.)
+                # [BT, KP]
+                b_p = tl.sum(b_p, 1)
+            else:
+                # one head: the softmax is monotone, rank the log scores themselves
+                b_p = tl.sum(b_s, 1)
+            b_bits = b_p.to(tl.int32, bitcast=True)
+            b_bits = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
+            b_key = (b_bits.to(tl.int64) << 32) | (BIG - o_j).to(tl.int64)[None, :]
+            b_key = tl.where(m_j[None, :], b_key, -9223372036854775807 - 1)
+            # merge: the KP largest of the running top and this chunk
+            b_all = tl.reshape(tl.join(b_top, b_key), [BT, 2 * KP])
+            b_all = tl.sort(b_all, dim=1, descending=True)
+            b_top = _first_half(b_all, BT, KP)
+        m_c = (b_top != (-9223372036854775807 - 1)) & (o_k[None, :] < n_free)
+        b_c = tl.where(m_c, BIG - (b_top & 0xFFFFFFFF), BIG)
+    else:
+        # every candidate is selected
+        b_c = tl.zeros([BT, KP], dtype=tl.int64) + tl.where(lo + o_k < hi, lo + o_k, BIG).to(tl.int64)[None, :]
+    # the forced blocks: sinks 0..n_sink-1, then the local blocks not already sinks
+    b_f = tl.where(o_k < n_sink, o_k, tl.where(o_k < n_sink + n_loc, l_lo + o_k - n_sink, BIG)).to(tl.int64)
+    b_f = tl.zeros([BT, KP], dtype=tl.int64) + b_f[None, :]
+    b_all = tl.reshape(tl.join(b_c, b_f), [BT, 2 * KP])
+    b_all = _first_half(tl.sort(b_all, dim=1), BT, KP)
+    b_all = tl.where(b_all < BIG, b_all, -1).to(tl.int32)
+    tl.store(indices + ((bos + o_t[:, None]) * H + i_h) * TOPK + o_k[None, :], b_all,
+             mask=m_t[:, None] & (o_k[None, :] < TOPK))
+
+
+@triton.jit(do_not_specialize=['scale'])
+def spla_fwd_kernel_sparse(
+    q,  # [T, HQ, D]
+    k,  # [T, H, D]
+    v,  # [T, H, DV]
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    glob,  # [T, HQ, DV] fp32
+    glob_mass,  # [T, HQ] fp32
+    indices,  # [T, H, TOPK] int32
+    tok_bos,  # [T] int64 first token of each token's sequence
+    o,  # [T, HQ, DV]
+    o_rla,  # [T, HQ, DV]
+    rla_mass,  # [T, HQ] fp32
+    scale,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    F: tl.constexpr,
+    BF: tl.constexpr,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    TOPK: tl.constexpr,
+    BTOPK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bos = tl.load(tok_bos + i_t).to(tl.int64)
+    pos = i_t - bos
+    o_g = tl.arange(0, GP)
+    m_g = o_g < G
+    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
+    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
+    p_row = i_t * HQ + i_h * G + o_g
+    # [GP, BD]
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.)
+    # [GP, BF]
+    b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_g[:, None] & m_f[None, :], other=0.)
+    # [BTOPK]
+    o_i = tl.arange(0, BTOPK)
+    b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
+    n_sel = tl.sum((b_idx >= 0).to(tl.int32), 0)
+
+    qk_scale = scale * 1.44269504
+    b_mi = tl.full([GP], float('-inf'), dtype=tl.float32)
+    b_li = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, BDV], dtype=tl.float32)
+    b_lin = tl.zeros([GP, BDV], dtype=tl.float32)
+    b_ms = tl.zeros([GP], dtype=tl.float32)
+    b_cnt = tl.zeros([BK], dtype=tl.int32)
+    o_s = tl.arange(0, BK)
+    for i in range(n_sel):
+        j = tl.load(indices + (i_t * H + i_h) * TOPK + i).to(tl.int64)
+        for s0 in range(0, BS, BK):
+            o_p = j * BS + s0 + o_s
+            m_p = ((s0 + o_s) < BS) & (o_p <= pos)
+            p_kv = (bos + o_p) * H + i_h
+            # [BK, BD]
+            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+            # [BK, BDV]
+            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
+            # [BK, BF]
+            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
+            # [GP, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+            b_s = tl.where(m_p[None, :], b_s, float('-inf'))
+            b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+            # a sub-tile past the query can be fully masked: keep -inf rows from producing NaN
+            b_alpha = tl.where(b_mn == float('-inf'), 1., tl.exp2(b_mi - b_mn))
+            b_p = tl.where(m_p[None, :], tl.exp2(b_s - b_mn[:, None]), 0.)
+            b_li = b_li * b_alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+            b_mi = b_mn
+            # the selected linear term over the same tiles
+            b_w = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
+            b_w = tl.where(m_p[None, :], b_w, 0.)
+            b_lin += tl.dot(b_w.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+            b_ms += tl.sum(b_w, 1)
+            b_cnt += m_p.to(tl.int32)
+    b_o = b_acc / b_li[:, None]
+    m_o = m_g[:, None] & m_v[None, :]
+    tl.store(o + p_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_o)
+    # residual = global - selected, exactly 0 when every visible token is selected (counted)
+    empty = tl.sum(b_cnt, 0) == pos + 1
+    b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
+    b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
+    b_r = tl.where(empty, 0., b_gl - b_lin)
+    b_rm = tl.where(empty, 0., b_gm - b_ms)
+    tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_o)
+    tl.store(rla_mass + p_row, b_rm, mask=m_g)
+
+
+_META_CACHE: Dict[tuple, dict] = {}
+
+
+def _prepare_meta(cu: Tuple[int, ...], block_size: int, tile: int, device) -> dict:
+    """Index tables of a packed batch: sequences, complete blocks, scoring tiles and linear chunks (cached)."""
+    key = (cu, block_size, tile, str(device))
+    if key in _META_CACHE:
+        return _META_CACHE[key]
+    seqs = [(a, b - a) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    bos = torch.tensor([s for s, _ in seqs], dtype=torch.int64)
+    lens = torch.tensor([n for _, n in seqs], dtype=torch.int64)
+
+    def ranges(counts: torch.Tensor, step: int):
+        """Per sequence ``arange(count) * step``, concatenated, with the sequence id of each entry."""
+        sid = torch.repeat_interleave(torch.arange(len(seqs)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        local = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+        return sid, local * step, first
+
+    nb = lens // block_size
+    bsid, bloc, boff = ranges(nb, block_size)
+    qt = (lens + tile - 1) // tile
+    qsid, qloc, _ = ranges(qt, tile)
+    nc = (lens + LINEAR_CHUNK - 1) // LINEAR_CHUNK
+    csid, cloc, coff = ranges(nc, LINEAR_CHUNK)
+    meta = dict(
+        tok_bos=torch.repeat_interleave(bos, lens),
+        blk_tok=bos[bsid] + bloc,
+        tile_bos=bos[qsid], tile_t0=qloc, tile_len=lens[qsid], tile_boff=boff[qsid],
+        seq_bos=bos, seq_len=lens, seq_coff=coff,
+        chunk_bos=bos[csid], chunk_t0=cloc, chunk_len=lens[csid],
+    )
+    meta = {n: x.to(device) for n, x in meta.items()}
+    if len(_META_CACHE) > 64:
+        _META_CACHE.clear()
+    _META_CACHE[key] = meta
+    return meta
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _topk_tile(block_size: int, G: int) -> Optional[int]:
+    """Query tokens per scoring tile (a power of two dividing block_size), or None when too small for tl.dot."""
+    GP = triton.next_power_of_2(G)
+    bt = block_size & -block_size  # largest power of two dividing block_size
+    bt = min(bt, max(1, TOPK_ROWS // GP))
+    return bt if bt * GP >= 16 else None
+
+
+def block_stats_fwd(k: torch.Tensor, meta: dict, block_size: int, rep_keys: int, second: bool):
+    """fp32 mean / diag variance / representative keys of the complete blocks of packed `[T, H, D]` keys."""
+    T, H, D = k.shape
+    NB = meta["blk_tok"].numel()
+    mean = k.new_empty(max(NB, 1), H, D, dtype=torch.float32)
+    var = k.new_empty(max(NB, 1), H, D, dtype=torch.float32) if second else mean
+    reps = k.new_empty(max(NB, 1), H, max(rep_keys, 1), D, dtype=torch.float32) if rep_keys > 0 else mean
+    if NB > 0:
+        spla_fwd_kernel_stats[(NB, H)](k, mean, var, reps, meta["blk_tok"], H=H, D=D, BD=triton.next_power_of_2(D),
+                                       BS=block_size, BSP=triton.next_power_of_2(block_size), R=rep_keys,
+                                       SECOND=second, num_warps=4)
+    return mean, var, reps
+
+
+def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, tile: int, topk: int,
+               sink_blocks: int, local_blocks: int, selection: str, rep_keys: int, scale: float) -> torch.Tensor:
+    """Selected block ids of packed `[T, HQ, D]` queries, `[T, H, topk]` int32, ascending, -1 padded."""
+    T, HQ, D = q.shape
+    G = HQ // H
+    GP = triton.next_power_of_2(G)
+    mean, var, reps = stats
+    indices = q.new_empty(T, H, topk, dtype=torch.int32)
+    NQ = meta["tile_bos"].numel()
+    spla_fwd_kernel_topk[(NQ, H)](
+        q, mean, var, reps, indices, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], meta["tile_boff"],
+        scale, 0.5 * scale * scale, math.log(block_size),
+        HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), BT=tile,
+        KP=max(16, triton.next_power_of_2(topk)), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
+        TOPK=topk, SINK=sink_blocks, LOCAL=local_blocks, BS=block_size, TAYLOR2=selection == "taylor2",
+        DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2)
+    return indices
+
+
+def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float):
+    """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass)."""
+    T, HQ, D = q.shape
+    H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
+    G = HQ // H
+    topk = indices.shape[-1]
+    o = q.new_empty(T, HQ, DV)
+    o_rla = q.new_empty(T, HQ, DV)
+    rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
+    spla_fwd_kernel_sparse[(T, H)](
+        q, k, v, fq, fk, glob, glob_mass, indices, meta["tok_bos"], o, o_rla, rla_mass, scale,
+        HQ=HQ, H=H, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
+        BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
+        BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
+        DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2)
+    return o, o_rla, rla_mass
+
+
+def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, local_blocks, selection, cov,
+                      rep_keys, feature_map_name, scale, cu_seqlens, timings: Optional[list] = None):
+    """All forward stages on `[B, T, ...]` inputs; returns (o_sparse, o_rla, rla_mass, indices).
+
+    ``timings``: when a list is given, CUDA events are appended after every stage (benchmarking only).
+    """
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    dtype = q.dtype
+    if cu_seqlens is None:
+        cu = tuple(range(0, B * T + 1, T))
+    else:
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
+    tile = _topk_tile(block_size, G)
+    meta = _prepare_meta(cu, block_size, tile or 1, q.device)
+    qf, kf, vf = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v))
+
+    def mark():
+        if timings is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            timings.append(ev)
+
+    mark()
+    if selection == "oracle" or cov == "full" or tile is None:
+        indices = chunk_spla_select(q, k, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
+                                    local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
+                                    scale=scale, cu_seqlens=cu_seqlens).reshape(B * T, H, topk)
+        mark()
+    else:
+        stats = block_stats_fwd(kf, meta, block_size, rep_keys, selection == "taylor2")
+        mark()
+        indices = select_fwd(qf, stats, meta, H=H, block_size=block_size, tile=tile, topk=topk,
+                             sink_blocks=sink_blocks, local_blocks=local_blocks, selection=selection,
+                             rep_keys=rep_keys, scale=scale)
+    mark()
+    fq = feature_map_fwd(q_lin.reshape(B * T, HQ, -1).contiguous(), feature_map_name, dtype)
+    fk = feature_map_fwd(k_lin.reshape(B * T, H, -1).contiguous(), feature_map_name, dtype)
+    glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
+    mark()
+    o, o_rla, rla_mass = sparse_fwd(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size,
+                                    scale=scale)
+    mark()
+    DV = v.shape[-1]
+    return (o.view(B, T, HQ, DV), o_rla.view(B, T, HQ, DV), rla_mass.view(B, T, HQ),
+            indices.view(B, T, H, topk))
+
+
+class ParallelSPLAFunction(torch.autograd.Function):
+    """Triton forward; the backward recomputes the torch backend on the Triton indices (until issue 4)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_lin, k_lin, opts):
+        o, o_rla, rla_mass, indices = parallel_spla_fwd(q, k, v, q_lin, k_lin, **opts)
+        ctx.save_for_backward(q, k, v, q_lin, k_lin, indices)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(indices)
+        return o, o_rla, rla_mass, indices
+
+    @staticmethod
+    def backward(ctx, do, do_rla, drla_mass, dindices):
+        q, k, v, q_lin, k_lin, indices = ctx.saved_tensors
+        opts = ctx.opts
+        bs, fmap, cu = opts["block_size"], opts["feature_map_name"], opts["cu_seqlens"]
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v, q_lin, k_lin)]
+            lq, lk, lv, lql, lkl = leaves
+            o, sel_lin, sel_mass = SparseSelectedFunction.apply(lq, lk, lv, lql, lkl, indices, bs, opts["scale"],
+                                                                fmap, cu)
+            glob, glob_mass = chunk_global_linear_attn(feature_map(lql, fmap), feature_map(lkl, fmap), lv, cu)
+            out = finish_residual(lq, o, glob, glob_mass, sel_lin, sel_mass, indices, bs, cu)
+            pairs = [(y, g) for y, g in zip(out[:3], (do, do_rla, drla_mass)) if g is not None]
+            grads = torch.autograd.grad([y for y, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g.to(x.dtype) for g, x in zip(grads, (q, k, v, q_lin, k_lin))]
+        return (*grads, None)
+
+
+def parallel_spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: torch.Tensor, k_lin: torch.Tensor,
+                       *, block_size: int, topk: int, sink_blocks: int, local_blocks: int, selection: str, cov: str,
+                       rep_keys: int, feature_map_name: str, scale: float,
+                       cu_seqlens: Optional[torch.Tensor] = None) -> SPLAOutput:
+    """The Triton backend of :func:`spla.spla_attn` (arguments already validated and defaulted).
+
+    Raises:
+        ValueError: for fp64 inputs (the kernels compute in fp32; use ``backend="torch"`` for fp64).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v), ("q_lin", q_lin), ("k_lin", k_lin)):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be fp16, bf16 or fp32 for backend='triton' (got {x.dtype}); "
+                             f"use backend='torch' or 'naive' for fp64")
+    opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                selection=selection, cov=cov, rep_keys=rep_keys, feature_map_name=feature_map_name, scale=scale,
+                cu_seqlens=cu_seqlens)
+    o, o_rla, rla_mass, indices = ParallelSPLAFunction.apply(q, k, v, q_lin, k_lin, opts)
+    return SPLAOutput(o, o_rla, rla_mass, indices)
