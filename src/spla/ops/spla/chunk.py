@@ -6,10 +6,12 @@ Memory grows linearly in T: no ``T x T`` or ``T x (T / block_size) x heads`` ten
 1. :func:`chunk_spla_select` - block statistics per sequence, then per query block (all queries of one
    block share the forced and candidate sets) the block scores, the per-head softmax over the candidates,
    the group sum and a stable top-k.
-2. :class:`SparseSelectedFunction` - per query chunk, gather the selected K/V blocks and compute the exact
-   softmax attention over them and, over the same gathered tiles, the selected linear term
-   ``sum_{i in U} (phi(q)·phi(k_i)) v_i`` and its mass. The backward recomputes each chunk (nothing but the
-   inputs and the indices is saved) and scatters the gradients of the gathered tiles back.
+2. :class:`SparseSelectedFunction` - per query chunk (rows of one query block), gather the union of the
+   blocks its tokens selected, and compute with dense GEMMs, masked so that each token sees exactly its
+   own selection, the exact softmax attention and, over the same tiles, the selected linear term
+   ``sum_{i in U} (phi(q)·phi(k_i)) v_i`` and its mass. On a CPU GEMMs over a shared union beat per-token
+   gathers even when the union is several times the per-token selection. The backward recomputes each
+   chunk (nothing but the inputs and the indices is saved) and scatters the tiles' gradients back.
 3. :func:`chunk_global_linear_attn` - causal global linear attention ``phi(q_t)·S_t`` with an fp32 state,
    chunk-parallel.
 4. ``o_rla = global - selected``, set to exactly 0 where the selected tokens are all the visible ones.
@@ -25,8 +27,8 @@ from spla.ops.spla.utils import (SPLAOutput, block_log_scores, block_stats, cand
                                  feature_map, forced_blocks, group_scores, segments, token_positions,
                                  topk_stable)
 
-# elements a gathered query chunk may hold (K, V and k_lin tiles together), bounds the working set
-GATHER_BUDGET = 1 << 24
+# score-like elements (rows x query heads x union tokens) one query chunk may hold; bounds the working set
+CHUNK_BUDGET = 1 << 22
 
 
 @torch.no_grad()
@@ -68,35 +70,41 @@ def chunk_spla_select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk
     return indices
 
 
-def _chunk_rows(L: int, block_size: int, per_row: int):
-    """Query row ranges ``[t0, t1)`` inside single blocks, each small enough for the gather budget."""
-    rows = max(1, min(block_size, GATHER_BUDGET // max(per_row, 1)))
-    for c0 in range(0, L, block_size):
-        c1 = min(c0 + block_size, L)
-        for t0 in range(c0, c1, rows):
-            yield t0, min(t0 + rows, c1)
+def _union(idx: torch.Tensor):
+    """Union of the blocks a query chunk selected, per KV head: `[n, H, K]` ids -> padded `[H, u]` ids, mask."""
+    H = idx.shape[1]
+    heads = [torch.unique(idx[:, h][idx[:, h] >= 0]) for h in range(H)]
+    u = max(x.numel() for x in heads)
+    U = torch.full((H, u), -1, dtype=torch.long, device=idx.device)
+    for h, x in enumerate(heads):
+        U[h, :x.numel()] = x
+    return U
 
 
-def _gather(x_blocks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """`[H, NB, bs, D]` blocks gathered by `[n, H, K]` block ids -> `[n, H, K * bs, D]`."""
-    H = x_blocks.shape[0]
-    n, _, K = idx.shape
-    heads = torch.arange(H, device=idx.device)[None, :, None]
-    out = x_blocks[heads, idx]  # [n, H, K, bs, D]
-    return out.reshape(n, H, K * x_blocks.shape[2], x_blocks.shape[3])
+def _query_chunks(idx: torch.Tensor, t0: int, t1: int, heads_q: int, block_size: int):
+    """Split the rows ``[t0, t1)`` of one query block until rows x HQ x union tokens fits the budget."""
+    U = _union(idx[t0:t1])
+    if t1 - t0 == 1 or (t1 - t0) * heads_q * U.shape[1] * block_size <= CHUNK_BUDGET:
+        yield t0, t1, U
+        return
+    mid = (t0 + t1) // 2
+    yield from _query_chunks(idx, t0, mid, heads_q, block_size)
+    yield from _query_chunks(idx, mid, t1, heads_q, block_size)
 
 
 def _sparse_chunk(qc, fq, K, V, FK, valid, scale):
-    """Exact attention over the gathered tokens and the selected linear term over the same tiles.
+    """Exact attention over the chunk's union of selected tokens and the selected linear term, same tiles.
 
-    qc `[n, H, G, D]`, fq = phi(q_lin) `[n, H, G, F]`, K/V/FK = gathered k, v, phi(k_lin) `[n, H, N, *]`,
-    valid `[n, H, N]` bool. Returns o `[n, H, G, Dv]`, sel_lin `[n, H, G, Dv]`, sel_mass `[n, H, G]`.
+    qc `[n, H, G, D]`, fq = phi(q_lin) `[n, H, G, F]`, K/V/FK = k, v, phi(k_lin) of the union `[H, N, *]`,
+    valid `[n, H, N]` bool (token selected by that query and causal). Dense GEMMs over the union; the mask
+    makes each query see exactly its own selection.
+    Returns o `[n, H, G, Dv]`, sel_lin `[n, H, G, Dv]`, sel_mass `[n, H, G]`.
     """
-    s = torch.einsum("nhgd,nhkd->nhgk", qc, K) * scale
+    s = torch.einsum("nhgd,hkd->nhgk", qc, K) * scale
     s = s.masked_fill(~valid[:, :, None], float("-inf"))
-    o = torch.einsum("nhgk,nhkd->nhgd", torch.softmax(s, -1), V)
-    w = torch.einsum("nhgf,nhkf->nhgk", fq, FK) * valid[:, :, None]
-    return o, torch.einsum("nhgk,nhkd->nhgd", w, V), w.sum(-1)
+    o = torch.einsum("nhgk,hkd->nhgd", torch.softmax(s, -1), V)
+    w = torch.einsum("nhgf,hkf->nhgk", fq, FK) * valid[:, :, None]
+    return o, torch.einsum("nhgk,hkd->nhgd", w, V), w.sum(-1)
 
 
 def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -109,27 +117,30 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size, cu_seqlens, fmap=None):
-    """Yield per query chunk its rows, positions, validity and the gathered K, V, k_lin tiles.
+    """Yield per query chunk its rows, the union's token positions, validity and the K, V, k_lin tiles.
 
-    With ``fmap`` the third gathered tile is phi(k_lin), computed once per sequence (forward only).
+    With ``fmap`` the third tile is phi(k_lin), computed once per sequence (forward only).
     """
     B, T, HQ, D = q.shape
-    H, Dv = k.shape[2], v.shape[-1]
+    H = k.shape[2]
     acc = compute_dtype(q.dtype)
+    heads = torch.arange(H, device=q.device)[:, None]
     for b, start, end in segments(B, T, cu_seqlens):
         L = end - start
         kls = k_lin[b, start:end]
         kls = feature_map(kls, fmap) if fmap else kls.to(acc)
         kb, vb, klb = (_blocks(x, block_size) for x in (k[b, start:end].to(acc), v[b, start:end].to(acc), kls))
-        per_row = H * indices.shape[-1] * block_size * (D + Dv + kls.shape[-1])
-        for t0, t1 in _chunk_rows(L, block_size, per_row):
-            idx = indices[b, start + t0:start + t1].long()  # [n, H, K]
-            idxc = idx.clamp(min=0)
-            pos = idxc[..., None] * block_size + torch.arange(block_size, device=q.device)  # [n, H, K, bs]
-            t = torch.arange(t0, t1, device=q.device)[:, None, None, None]
-            valid = ((idx[..., None] >= 0) & (pos <= t)).flatten(2)  # [n, H, N]
-            yield (b, start, L, slice(start + t0, start + t1), idxc, pos.flatten(2), valid,
-                   _gather(kb, idxc), _gather(vb, idxc), _gather(klb, idxc))
+        idx_seq = indices[b, start:end].long()
+        for c0 in range(0, L, block_size):
+            for t0, t1, U in _query_chunks(idx_seq, c0, min(c0 + block_size, L), HQ, block_size):
+                idx = idx_seq[t0:t1]  # [n, H, K]
+                Uc = U.clamp(min=0)
+                member = (idx[:, :, :, None] == U[None, :, None, :]).any(2) & (U >= 0)  # [n, H, u]
+                pos = (Uc[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)  # [H, N]
+                t = torch.arange(t0, t1, device=q.device)[:, None, None]
+                valid = member.repeat_interleave(block_size, -1) & (pos[None] <= t)  # [n, H, N]
+                tiles = [x[heads, Uc].flatten(1, 2) for x in (kb, vb, klb)]  # [H, N, *]
+                yield (b, start, L, slice(start + t0, start + t1), pos, valid, *tiles)
 
 
 class SparseSelectedFunction(torch.autograd.Function):
@@ -144,8 +155,8 @@ class SparseSelectedFunction(torch.autograd.Function):
         o = q.new_empty(B, T, HQ, Dv, dtype=acc)
         sel_lin = q.new_empty(B, T, HQ, Dv, dtype=acc)
         sel_mass = q.new_empty(B, T, HQ, dtype=acc)
-        for b, _, _, rows, _, _, valid, K, V, FK in _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size,
-                                                                cu_seqlens, fmap):
+        for b, _, _, rows, _, valid, K, V, FK in _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size,
+                                                              cu_seqlens, fmap):
             n = rows.stop - rows.start
             qc = q[b, rows].to(acc).view(n, H, G, D)
             fq = feature_map(q_lin[b, rows].view(n, H, G, -1), fmap)
@@ -168,36 +179,31 @@ class SparseSelectedFunction(torch.autograd.Function):
         do = torch.zeros_like(dq[..., :1]).expand(B, T, HQ, Dv) if do is None else do.to(acc)
         dsel_lin = torch.zeros_like(do) if dsel_lin is None else dsel_lin.to(acc)
         dsel_mass = torch.zeros_like(do[..., 0]) if dsel_mass is None else dsel_mass.to(acc)
-        seg_pad = {}
-        for b, start, L, rows, _, pos, valid, K, V, KL in _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size,
-                                                                       cu_seqlens):
+        bufs = {}
+        for b, start, L, rows, pos, valid, K, V, KL in _iter_chunks(q, k, v, q_lin, k_lin, indices, block_size,
+                                                                    cu_seqlens):
             n = rows.stop - rows.start
             with torch.enable_grad():
                 leaves = [q[b, rows].to(acc).view(n, H, G, D), q_lin[b, rows].to(acc).view(n, H, G, Dl), K, V, KL]
                 leaves = [x.detach().requires_grad_() for x in leaves]
                 qc, qlc, K_, V_, KL_ = leaves
                 outs = _sparse_chunk(qc, feature_map(qlc, fmap), K_, V_, feature_map(KL_, fmap), valid, scale)
-                grads = torch.autograd.grad(
+                gq, gql, gK, gV, gKL = torch.autograd.grad(
                     outs, leaves, (do[b, rows].view(n, H, G, Dv), dsel_lin[b, rows].view(n, H, G, Dv),
                                    dsel_mass[b, rows].view(n, H, G)))
-            gq, gql, gK, gV, gKL = grads
             dq[b, rows] += gq.flatten(1, 2)
             dql[b, rows] += gql.flatten(1, 2)
-            # scatter the gathered tiles' gradients back: flat index = head * padded_len + position
-            if (b, start) not in seg_pad:
-                padded = ((L + block_size - 1) // block_size) * block_size
-                seg_pad[(b, start)] = [torch.zeros(H * padded, x.shape[-1], dtype=acc, device=q.device)
-                                       for x in (k, v, k_lin)]
-            bufs = seg_pad[(b, start)]
-            padded = bufs[0].shape[0] // H
-            flat = (pos + torch.arange(H, device=q.device)[None, :, None] * padded).reshape(-1)
-            for buf, g in zip(bufs, (gK, gV, gKL)):
+            # scatter the union tiles' gradients back: flat index = head * padded_len + position
+            padded = -(-L // block_size) * block_size
+            if (b, start) not in bufs:
+                bufs[(b, start)] = (L, [torch.zeros(H * padded, x.shape[-1], dtype=acc, device=q.device)
+                                        for x in (k, v, k_lin)])
+            flat = (pos + torch.arange(H, device=q.device)[:, None] * padded).reshape(-1)
+            for buf, g in zip(bufs[(b, start)][1], (gK, gV, gKL)):
                 buf.index_add_(0, flat, g.reshape(-1, g.shape[-1]))
-        for (b, start), bufs in seg_pad.items():
-            padded = bufs[0].shape[0] // H
-            L = next(e - s for bb, s, e in segments(B, T, cu_seqlens) if (bb, s) == (b, start))
-            for dst, buf in zip((dk, dv, dkl), bufs):
-                dst[b, start:start + L] += buf.view(H, padded, -1)[:, :L].transpose(0, 1)
+        for (b, start), (L, seg) in bufs.items():
+            for dst, buf in zip((dk, dv, dkl), seg):
+                dst[b, start:start + L] += buf.view(H, -1, buf.shape[-1])[:, :L].transpose(0, 1)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dql.to(q_lin.dtype), dkl.to(k_lin.dtype),
                 None, None, None, None, None)
 

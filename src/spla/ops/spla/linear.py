@@ -10,6 +10,7 @@ stores the state *before* each chunk (fp32), :func:`spla_fwd_kernel_linear` adds
 
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
@@ -39,10 +40,12 @@ def spla_fwd_kernel_feature(
     b_x = tl.load(x + (i_t * NH + o_h[:, None]) * DL + o_d[None, :], mask=m_x, other=0.).to(tl.float32)
     p_y = y + (i_t * NH + o_h[:, None]) * F + o_d[None, :]
     if FMAP == 0:
-        b_a = tl.where(m_x, b_x, float('-inf'))
+        # padded columns -inf (no weight); padded heads stay finite and are never stored
+        m_c = (o_d < DL)[None, :]
+        b_a = tl.where(m_c, b_x, float('-inf'))
         b_a = tl.exp(b_a - tl.max(b_a, 1)[:, None])
         b_a = b_a / tl.sum(b_a, 1)[:, None]
-        b_b = tl.where(m_x, -b_x, float('-inf'))
+        b_b = tl.where(m_c, -b_x, float('-inf'))
         b_b = tl.exp(b_b - tl.max(b_b, 1)[:, None])
         b_b = b_b / tl.sum(b_b, 1)[:, None]
         tl.store(p_y, b_a.to(y.dtype.element_ty), mask=m_x)
@@ -82,6 +85,7 @@ def spla_fwd_kernel_linear_h(
     BV: tl.constexpr,
     BC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
@@ -98,16 +102,19 @@ def spla_fwd_kernel_linear_h(
     b_z = tl.zeros([BK], dtype=tl.float32)
     for i_c in range(tl.cdiv(L, BC)):
         i_g = coff + i_c
-        tl.store(h + ((i_g * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], b_h, mask=m_k[:, None] & m_v[None, :])
+        m_kv = m_k[:, None] & m_v[None, :]
+        tl.store(h + ((i_g * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], b_h, mask=m_kv)
         if i_v == 0:
             tl.store(z + (i_g * H + i_h) * F + o_k, b_z, mask=m_k)
         o_t = i_c * BC + o_c
         m_t = o_t < L
         # [BC, BK]
-        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
         # [BC, BV]
-        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_h += tl.dot(tl.trans(b_fk), b_v.to(b_fk.dtype), input_precision=DOT_PREC)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_tv, other=0.).to(CDT)
+        b_h += tl.dot(tl.trans(b_fk), b_v, input_precision=DOT_PREC)
         b_z += tl.sum(b_fk.to(tl.float32), 0)
 
 
@@ -132,6 +139,7 @@ def spla_fwd_kernel_linear(
     BV: tl.constexpr,
     BC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
 ):
     i_hq, i_v, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_h = i_hq // G
@@ -152,10 +160,12 @@ def spla_fwd_kernel_linear(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < F
         # [BC, BK]
-        b_fq = tl.load(fq + ((bos + o_t[:, None]) * HQ + i_hq) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_fq = tl.load(fq + ((bos + o_t[:, None]) * HQ + i_hq) * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
+        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
         # [BK, BV]
-        b_h = tl.load(h + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_h = tl.load(h + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], mask=m_kv, other=0.)
         # [BK]
         b_z = tl.load(z + (i_c * H + i_h) * F + o_k, mask=m_k, other=0.)
         b_o += tl.dot(b_fq.to(tl.float32), b_h, input_precision=DOT_PREC)
@@ -164,10 +174,11 @@ def spla_fwd_kernel_linear(
     m_A = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
     b_A = tl.where(m_A, b_A, 0.)
     # [BC, BV]
-    b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-    b_o += tl.dot(b_A.to(b_fq.dtype), b_v.to(b_fq.dtype), input_precision=DOT_PREC)
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_tv, other=0.).to(CDT)
+    b_o += tl.dot(b_A.to(CDT), b_v, input_precision=DOT_PREC)
     b_m += tl.sum(b_A, 1)
-    tl.store(o + ((bos + o_t[:, None]) * HQ + i_hq) * DV + o_v[None, :], b_o, mask=m_t[:, None] & m_v[None, :])
+    tl.store(o + ((bos + o_t[:, None]) * HQ + i_hq) * DV + o_v[None, :], b_o, mask=m_tv)
     if i_v == 0:
         tl.store(om + (bos + o_t) * HQ + i_hq, b_m, mask=m_t)
 
@@ -188,16 +199,19 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
     NT = meta["chunk_bos"].numel()
     N = meta["seq_bos"].numel()
     prec = "ieee" if fq.dtype == torch.float32 else "tf32"
+    cdt = tl.float32 if (fq.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1") else (
+        tl.bfloat16 if fq.dtype == torch.bfloat16 else tl.float16)
     h = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
     BK = min(64, triton.next_power_of_2(F))
     BV = min(64, triton.next_power_of_2(DV))
     spla_fwd_kernel_linear_h[(triton.cdiv(F, BK), triton.cdiv(DV, BV), N * H)](
         fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
-        H=H, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, num_warps=4, num_stages=2)
+        H=H, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, CDT=cdt, num_warps=4, num_stages=2)
     o = fq.new_empty(T, HQ, DV, dtype=torch.float32)
     om = fq.new_empty(T, HQ, dtype=torch.float32)
     spla_fwd_kernel_linear[(HQ, triton.cdiv(DV, BV), NT)](
         fq, fk, v, h, z, o, om, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
-        HQ=HQ, H=H, G=G, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, num_warps=4, num_stages=2)
+        HQ=HQ, H=H, G=G, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, CDT=cdt,
+        num_warps=4, num_stages=2)
     return o, om

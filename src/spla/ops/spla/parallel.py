@@ -26,6 +26,7 @@ kernels exist), so the op stays differentiable and exact.
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,8 +38,12 @@ from spla.ops.spla.chunk import (SparseSelectedFunction, chunk_global_linear_att
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
 from spla.ops.spla.utils import SPLAOutput, feature_map
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # chunk length of the global linear attention
 LINEAR_CHUNK = 64
+# the sparse stage: "kv" (KV-block-major, each selected block loaded once per group of tokens that chose it,
+# partials merged per token) or "token" (one program per token and KV head, gathers its own blocks)
+SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "kv")
 # rows (query tokens x padded group heads) of one scoring tile
 TOPK_ROWS = 64
 
@@ -140,6 +145,8 @@ def spla_fwd_kernel_topk(
     BS: tl.constexpr,
     TAYLOR2: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+    MERGE: tl.constexpr = True,
 ):
     i_n, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos = tl.load(tile_bos + i_n).to(tl.int64)
@@ -169,12 +176,13 @@ def spla_fwd_kernel_topk(
         # [BT*GP, BD]
         b_q = tl.load(q + ((bos + r_t[:, None]) * HQ + i_h * G + r_g[:, None]) * D + o_d[None, :],
                       mask=m_row[:, None] & m_d[None, :], other=0.).to(tl.float32)
-        b_q2 = b_q * b_q
+        b_q2 = (b_q * b_q).to(CDT)
+        b_q = b_q.to(CDT)
         o_g = tl.arange(0, GP)
         o_kr = tl.arange(0, KP * RP)
         m_r = (o_kr % RP) < R
-        b_var = tl.zeros([KP, BD], dtype=tl.float32)
-        b_rep = tl.zeros([KP * RP, BD], dtype=tl.float32)
+        b_var = tl.zeros([KP, BD], dtype=CDT)
+        b_rep = tl.zeros([KP * RP, BD], dtype=CDT)
         if G > 1:
             # pass 1: per-head log-sum-exp over the candidates, online
             b_m = tl.full([BT, GP], float('-inf'), dtype=tl.float32)
@@ -184,15 +192,16 @@ def spla_fwd_kernel_topk(
                 m_j = o_j < hi
                 p_j = (boff + o_j) * H + i_h
                 # [KP, BD]
-                b_mean = tl.load(mean + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+                m_jd = m_j[:, None] & m_d[None, :]
+                b_mean = tl.load(mean + p_j[:, None] * D + o_d[None, :], mask=m_jd, other=0.).to(CDT)
                 if TAYLOR2:
-                    b_var = tl.load(var + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+                    b_var = tl.load(var + p_j[:, None] * D + o_d[None, :], mask=m_jd, other=0.).to(CDT)
                 if R > 0:
                     p_r = (boff + j0 + o_kr // RP) * H + i_h
                     m_rr = m_r & ((j0 + o_kr // RP) < hi)
                     # [KP*RP, BD]
                     b_rep = tl.load(reps + (p_r[:, None] * R + o_kr[:, None] % RP) * D + o_d[None, :],
-                                    mask=m_rr[:, None] & m_d[None, :], other=0.)
+                                    mask=m_rr[:, None] & m_d[None, :], other=0.).to(CDT)
                 # [BT, GP, KP]
                 b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KP, RP, R, TAYLOR2, DOT_PREC)
                 b_s = tl.where(m_j[None, None, :], b_s, float('-inf'))
@@ -206,14 +215,15 @@ def spla_fwd_kernel_topk(
             o_j = j0 + o_k
             m_j = o_j < hi
             p_j = (boff + o_j) * H + i_h
-            b_mean = tl.load(mean + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+            m_jd = m_j[:, None] & m_d[None, :]
+            b_mean = tl.load(mean + p_j[:, None] * D + o_d[None, :], mask=m_jd, other=0.).to(CDT)
             if TAYLOR2:
-                b_var = tl.load(var + p_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.)
+                b_var = tl.load(var + p_j[:, None] * D + o_d[None, :], mask=m_jd, other=0.).to(CDT)
             if R > 0:
                 p_r = (boff + j0 + o_kr // RP) * H + i_h
                 m_rr = m_r & ((j0 + o_kr // RP) < hi)
                 b_rep = tl.load(reps + (p_r[:, None] * R + o_kr[:, None] % RP) * D + o_d[None, :],
-                                mask=m_rr[:, None] & m_d[None, :], other=0.)
+                                mask=m_rr[:, None] & m_d[None, :], other=0.).to(CDT)
             b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KP, RP, R, TAYLOR2, DOT_PREC)
             if G > 1:
                 b_p = tl.where((o_g < G)[None, :, None], tl.exp(b_s - b_lse[:, :, None]), 0.)
@@ -226,10 +236,14 @@ def spla_fwd_kernel_topk(
             b_bits = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
             b_key = (b_bits.to(tl.int64) << 32) | (BIG - o_j).to(tl.int64)[None, :]
             b_key = tl.where(m_j[None, :], b_key, -9223372036854775807 - 1)
-            # merge: the KP largest of the running top and this chunk
-            b_all = tl.reshape(tl.join(b_top, b_key), [BT, 2 * KP])
-            b_all = tl.sort(b_all, dim=1, descending=True)
-            b_top = _first_half(b_all, BT, KP)
+            if MERGE:
+                # merge: the KP largest of the running top and this chunk
+                b_all = tl.reshape(tl.join(b_top, b_key), [BT, 2 * KP])
+                b_all = tl.sort(b_all, dim=1, descending=True)
+                b_top = _first_half(b_all, BT, KP)
+            else:
+                # benchmark diagnostics only (wrong selection): the cost of the scoring alone
+                b_top = tl.maximum(b_top, b_key)
         m_c = (b_top != (-9223372036854775807 - 1)) & (o_k[None, :] < n_free)
         b_c = tl.where(m_c, BIG - (b_top & 0xFFFFFFFF), BIG)
     else:
@@ -275,6 +289,8 @@ def spla_fwd_kernel_sparse(
     TOPK: tl.constexpr,
     BTOPK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+    LIN: tl.constexpr = True,
 ):
     i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos = tl.load(tok_bos + i_t).to(tl.int64)
@@ -285,9 +301,9 @@ def spla_fwd_kernel_sparse(
     m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
     p_row = i_t * HQ + i_h * G + o_g
     # [GP, BD]
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(CDT)
     # [GP, BF]
-    b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_g[:, None] & m_f[None, :], other=0.)
+    b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_g[:, None] & m_f[None, :], other=0.).to(CDT)
     # [BTOPK]
     o_i = tl.arange(0, BTOPK)
     b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
@@ -308,11 +324,9 @@ def spla_fwd_kernel_sparse(
             m_p = ((s0 + o_s) < BS) & (o_p <= pos)
             p_kv = (bos + o_p) * H + i_h
             # [BK, BD]
-            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
             # [BK, BDV]
-            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
-            # [BK, BF]
-            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
+            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
             # [GP, BK]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
             b_s = tl.where(m_p[None, :], b_s, float('-inf'))
@@ -323,11 +337,14 @@ def spla_fwd_kernel_sparse(
             b_li = b_li * b_alpha + tl.sum(b_p, 1)
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
             b_mi = b_mn
-            # the selected linear term over the same tiles
-            b_w = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
-            b_w = tl.where(m_p[None, :], b_w, 0.)
-            b_lin += tl.dot(b_w.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-            b_ms += tl.sum(b_w, 1)
+            if LIN:
+                # the selected linear term over the same tiles, [BK, BF]
+                m_pf = m_p[:, None] & m_f[None, :]
+                b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_pf, other=0.).to(CDT)
+                b_w = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
+                b_w = tl.where(m_p[None, :], b_w, 0.)
+                b_lin += tl.dot(b_w.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+                b_ms += tl.sum(b_w, 1)
             b_cnt += m_p.to(tl.int32)
     b_o = b_acc / b_li[:, None]
     m_o = m_g[:, None] & m_v[None, :]
@@ -340,6 +357,175 @@ def spla_fwd_kernel_sparse(
     b_rm = tl.where(empty, 0., b_gm - b_ms)
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_o)
     tl.store(rla_mass + p_row, b_rm, mask=m_g)
+
+
+@triton.jit(do_not_specialize=['scale', 'NBA', 'e0'])
+def spla_fwd_kernel_sparse_kv(
+    q,  # [T, HQ, D]
+    k,  # [T, H, D]
+    v,  # [T, H, DV]
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    work_key,  # [NW] int64 (KV head) * NBA + (global block id)
+    work_start,  # [NW] int64 first entry of the work item in ``perm``
+    work_end,  # [NW] int64 end of the entries of this (KV head, block)
+    perm,  # [E] int64 entry ids (t * H + h) * TOPK + slot, grouped by (KV head, block), ascending tokens
+    all_tok,  # [NBA] int64 first token of every block (partial blocks included)
+    all_len,  # [NBA] int64 its length
+    p_lse,  # [E, G] fp32 log2-sum-exp2 of the entry's scores
+    p_o,  # [E, G, DV] attention output normalized over the entry's block
+    p_lin,  # [E, G, DV] selected linear term of the entry's block
+    p_mass,  # [E, G] fp32 its mass
+    scale,
+    NBA,
+    e0,  # first entry id of this token chunk
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    F: tl.constexpr,
+    BF: tl.constexpr,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    BQ: tl.constexpr,
+    TOPK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+    LIN: tl.constexpr,
+):
+    """KV-block-major sparse attention: one program loads one selected block once and serves up to BQ tokens
+    that selected it (their G heads as rows), writing per-(token, block) partials merged later."""
+    i_w = tl.program_id(0).to(tl.int64)
+    key = tl.load(work_key + i_w).to(tl.int64)
+    i_h, i_b = key // NBA, key % NBA
+    start = tl.load(work_start + i_w).to(tl.int64)
+    end = tl.load(work_end + i_w).to(tl.int64)
+    t_b = tl.load(all_tok + i_b).to(tl.int64)
+    n_b = tl.load(all_len + i_b).to(tl.int64)
+    # rows: entry-major, group-head-minor [BQ*GP]
+    o_r = tl.arange(0, BQ * GP)
+    r_e, r_g = start + o_r // GP, o_r % GP
+    m_e = r_e < end
+    m_r = m_e & (r_g < G)
+    b_e = tl.load(perm + r_e, mask=m_e, other=0).to(tl.int64)
+    b_t = b_e // (H * TOPK)
+    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
+    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
+    p_row = b_t * HQ + i_h * G + r_g
+    # [BQ*GP, BD]
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.).to(CDT)
+    if LIN:
+        # [BQ*GP, BF]
+        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.).to(CDT)
+    qk_scale = scale * 1.44269504
+    b_m = tl.full([BQ * GP], float('-inf'), dtype=tl.float32)
+    b_l = tl.zeros([BQ * GP], dtype=tl.float32)
+    b_acc = tl.zeros([BQ * GP, BDV], dtype=tl.float32)
+    b_lin = tl.zeros([BQ * GP, BDV], dtype=tl.float32)
+    b_ms = tl.zeros([BQ * GP], dtype=tl.float32)
+    o_s = tl.arange(0, BK)
+    for s0 in range(0, BS, BK):
+        o_p = s0 + o_s
+        m_p = o_p < n_b
+        p_kv = (t_b + o_p) * H + i_h
+        # [BK, BD], [BK, BDV]
+        b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
+        b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
+        # causal: key t_b + p visible to token t when t_b + p <= t; [BQ*GP, BK]
+        m_s = m_p[None, :] & ((t_b + o_p)[None, :] <= b_t[:, None])
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+        b_s = tl.where(m_s, b_s, float('-inf'))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_mn = tl.where(b_mn == float('-inf'), 0., b_mn)
+        b_alpha = tl.exp2(b_m - b_mn)
+        b_p = tl.where(m_s, tl.exp2(b_s - b_mn[:, None]), 0.)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(CDT), b_v, input_precision=DOT_PREC)
+        b_m = b_mn
+        if LIN:
+            # [BK, BF]
+            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.).to(CDT)
+            b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
+            b_lin += tl.dot(b_w.to(CDT), b_v, input_precision=DOT_PREC)
+            b_ms += tl.sum(b_w, 1)
+    # every entry sees at least the first key of its block, so b_l > 0 on valid rows
+    b_l = tl.where(m_r, b_l, 1.)
+    p_e = (b_e - e0) * G + r_g
+    m_o = m_r[:, None] & m_v[None, :]
+    tl.store(p_lse + p_e, b_m + tl.log2(b_l), mask=m_r)
+    tl.store(p_o + p_e[:, None] * DV + o_v[None, :], (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_o)
+    if LIN:
+        tl.store(p_lin + p_e[:, None] * DV + o_v[None, :], b_lin.to(p_lin.dtype.element_ty), mask=m_o)
+        tl.store(p_mass + p_e, b_ms, mask=m_r)
+
+
+@triton.jit(do_not_specialize=['t0', 'e0'])
+def spla_fwd_kernel_merge(
+    p_lse,  # [E, G] fp32
+    p_o,  # [E, G, DV]
+    p_lin,  # [E, G, DV]
+    p_mass,  # [E, G] fp32
+    indices,  # [T, H, TOPK] int32
+    tok_bos,  # [T] int64
+    glob,  # [T, HQ, DV] fp32
+    glob_mass,  # [T, HQ] fp32
+    o,  # [T, HQ, DV]
+    o_rla,  # [T, HQ, DV]
+    rla_mass,  # [T, HQ] fp32
+    t0,  # first token of this chunk
+    e0,  # its first entry id
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    BS: tl.constexpr,
+    TOPK: tl.constexpr,
+    BTOPK: tl.constexpr,
+):
+    """Merge the per-block partials of one token and KV head, then finish the residual (counted)."""
+    i_t, i_h = tl.program_id(0).to(tl.int64) + t0, tl.program_id(1).to(tl.int64)
+    pos = i_t - tl.load(tok_bos + i_t).to(tl.int64)
+    o_g = tl.arange(0, GP)
+    m_g = o_g < G
+    o_v = tl.arange(0, BDV)
+    m_v = o_v < DV
+    m_o = m_g[:, None] & m_v[None, :]
+    o_i = tl.arange(0, BTOPK)
+    b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1).to(tl.int64)
+    # visible selected tokens, counted from the block ids
+    b_cnt = tl.where(b_idx >= 0, tl.minimum(tl.maximum(pos - b_idx * BS + 1, 0), BS), 0)
+    empty = tl.sum(b_cnt, 0) == pos + 1
+    n_sel = tl.sum((b_idx >= 0).to(tl.int32), 0)
+    b_m = tl.full([GP], float('-inf'), dtype=tl.float32)
+    b_den = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, BDV], dtype=tl.float32)
+    b_lin = tl.zeros([GP, BDV], dtype=tl.float32)
+    b_ms = tl.zeros([GP], dtype=tl.float32)
+    for i in range(n_sel):
+        p_e = ((i_t * H + i_h) * TOPK + i - e0) * G + o_g
+        b_lse = tl.load(p_lse + p_e, mask=m_g, other=0.)
+        b_mn = tl.maximum(b_m, b_lse)
+        b_a = tl.exp2(b_m - b_mn)
+        b_b = tl.exp2(b_lse - b_mn)
+        b_den = b_den * b_a + b_b
+        b_oi = tl.load(p_o + p_e[:, None] * DV + o_v[None, :], mask=m_o, other=0.).to(tl.float32)
+        b_acc = b_acc * b_a[:, None] + b_b[:, None] * b_oi
+        b_m = b_mn
+        b_lin += tl.load(p_lin + p_e[:, None] * DV + o_v[None, :], mask=m_o, other=0.).to(tl.float32)
+        b_ms += tl.load(p_mass + p_e, mask=m_g, other=0.)
+    p_row = i_t * HQ + i_h * G + o_g
+    tl.store(o + p_row[:, None] * DV + o_v[None, :], (b_acc / b_den[:, None]).to(o.dtype.element_ty), mask=m_o)
+    b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
+    b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
+    tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], tl.where(empty, 0., b_gl - b_lin).to(o_rla.dtype.element_ty),
+             mask=m_o)
+    tl.store(rla_mass + p_row, tl.where(empty, 0., b_gm - b_ms), mask=m_g)
 
 
 _META_CACHE: Dict[tuple, dict] = {}
@@ -367,8 +553,12 @@ def _prepare_meta(cu: Tuple[int, ...], block_size: int, tile: int, device) -> di
     qsid, qloc, _ = ranges(qt, tile)
     nc = (lens + LINEAR_CHUNK - 1) // LINEAR_CHUNK
     csid, cloc, coff = ranges(nc, LINEAR_CHUNK)
+    na = (lens + block_size - 1) // block_size
+    asid, aloc, aoff = ranges(na, block_size)
     meta = dict(
         tok_bos=torch.repeat_interleave(bos, lens),
+        tok_aoff=torch.repeat_interleave(aoff, lens),
+        all_tok=bos[asid] + aloc, all_len=torch.clamp(lens[asid] - aloc, max=block_size),
         blk_tok=bos[bsid] + bloc,
         tile_bos=bos[qsid], tile_t0=qloc, tile_len=lens[qsid], tile_boff=boff[qsid],
         seq_bos=bos, seq_len=lens, seq_coff=coff,
@@ -383,6 +573,13 @@ def _prepare_meta(cu: Tuple[int, ...], block_size: int, tile: int, device) -> di
 
 def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def compute_dtype(dtype: torch.dtype):
+    """Dtype of the tl.dot operands: the input dtype on GPU; fp32 under the interpreter, whose bf16 math is wrong."""
+    if dtype == torch.float32 or INTERPRET:
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
 def _topk_tile(block_size: int, G: int) -> Optional[int]:
@@ -408,8 +605,12 @@ def block_stats_fwd(k: torch.Tensor, meta: dict, block_size: int, rep_keys: int,
 
 
 def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, tile: int, topk: int,
-               sink_blocks: int, local_blocks: int, selection: str, rep_keys: int, scale: float) -> torch.Tensor:
-    """Selected block ids of packed `[T, HQ, D]` queries, `[T, H, topk]` int32, ascending, -1 padded."""
+               sink_blocks: int, local_blocks: int, selection: str, rep_keys: int, scale: float,
+               merge: bool = True) -> torch.Tensor:
+    """Selected block ids of packed `[T, HQ, D]` queries, `[T, H, topk]` int32, ascending, -1 padded.
+
+    ``merge=False`` skips the top-k merge (benchmark diagnostics only: the indices are then wrong).
+    """
     T, HQ, D = q.shape
     G = HQ // H
     GP = triton.next_power_of_2(G)
@@ -422,12 +623,15 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
         HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), BT=tile,
         KP=max(16, triton.next_power_of_2(topk)), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
         TOPK=topk, SINK=sink_blocks, LOCAL=local_blocks, BS=block_size, TAYLOR2=selection == "taylor2",
-        DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2)
+        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge, num_warps=4, num_stages=2)
     return indices
 
 
-def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float):
-    """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass)."""
+def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True):
+    """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
+
+    ``lin=False`` skips the selected linear term (benchmark diagnostics only: o_rla is then wrong).
+    """
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G = HQ // H
@@ -440,7 +644,77 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
         HQ=HQ, H=H, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
         BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
         BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
-        DOT_PREC=_dot_prec(q.dtype), num_warps=4, num_stages=2)
+        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, num_warps=4, num_stages=2)
+    return o, o_rla, rla_mass
+
+
+# entries (token, KV head, slot) x group heads x DV of partials kept at once by the KV-major path
+PARTIAL_BUDGET = 1 << 30
+
+
+def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
+    """Group the entries of `[n, H, TOPK]` block ids by (KV head, block): the permutation and the work items."""
+    n, H, K = idx.shape
+    dev = idx.device
+    nkeys = H * NBA
+    keys = torch.arange(H, device=dev)[None, :, None] * NBA + aoff[:, None, None] + idx.long()
+    keys = torch.where(idx >= 0, keys, nkeys).view(-1)
+    _, perm = torch.sort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=nkeys + 1)[:nkeys]
+    offs = torch.cumsum(counts, 0) - counts
+    nch = (counts + BQ - 1) // BQ
+    NW = int(nch.sum())
+    wkey = torch.repeat_interleave(torch.arange(nkeys, device=dev), nch, output_size=NW)
+    first = torch.cumsum(nch, 0) - nch
+    local = torch.arange(NW, device=dev) - torch.repeat_interleave(first, nch, output_size=NW)
+    wstart = offs[wkey] + local * BQ
+    wend = offs[wkey] + counts[wkey]
+    return perm, wkey, wstart, wend
+
+
+def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
+                  lin: bool = True, rows: int = 64):
+    """KV-block-major sparse stage (each selected block is loaded once per BQ tokens that chose it).
+
+    Processes the tokens in chunks so that the per-(token, block) partials stay under ``PARTIAL_BUDGET``.
+    """
+    T, HQ, D = q.shape
+    H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
+    G = HQ // H
+    GP = triton.next_power_of_2(G)
+    topk = indices.shape[-1]
+    BQ = max(1, rows // GP)
+    while BQ * GP < 16:
+        BQ *= 2
+    NBA = meta["all_tok"].numel()
+    pdt = q.dtype
+    chunk = max(1, min(T, PARTIAL_BUDGET // (H * topk * G * DV)))
+    o = q.new_empty(T, HQ, DV)
+    o_rla = q.new_empty(T, HQ, DV)
+    rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
+    E = min(T, chunk) * H * topk
+    p_lse = q.new_empty(E, G, dtype=torch.float32)
+    p_mass = q.new_empty(E, G, dtype=torch.float32)
+    p_o = q.new_empty(E, G, DV, dtype=pdt)
+    # the selected linear term stays fp32: o_rla = glob - lin must not lose the subtraction to rounding
+    p_lin = q.new_empty(E, G, DV, dtype=torch.float32)
+    BK = max(16, min(128, triton.next_power_of_2(block_size)))
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        perm, wkey, wstart, wend = _kv_worklist(indices[t0:t1], meta["tok_aoff"][t0:t1], NBA, BQ)
+        e0 = t0 * H * topk
+        perm = perm + e0
+        if wkey.numel() > 0:
+            spla_fwd_kernel_sparse_kv[(wkey.numel(),)](
+                q, k, v, fq, fk, wkey, wstart, wend, perm, meta["all_tok"], meta["all_len"],
+                p_lse, p_o, p_lin, p_mass, scale, NBA, e0,
+                HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV),
+                F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=BK, BQ=BQ, TOPK=topk,
+                DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, num_warps=4, num_stages=2)
+        spla_fwd_kernel_merge[(t1 - t0, H)](
+            p_lse, p_o, p_lin, p_mass, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass, t0, e0,
+            HQ=HQ, H=H, G=G, GP=GP, DV=DV, BDV=triton.next_power_of_2(DV), BS=block_size, TOPK=topk,
+            BTOPK=triton.next_power_of_2(topk), num_warps=4)
     return o, o_rla, rla_mass
 
 
@@ -485,8 +759,8 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
     fk = feature_map_fwd(k_lin.reshape(B * T, H, -1).contiguous(), feature_map_name, dtype)
     glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
     mark()
-    o, o_rla, rla_mass = sparse_fwd(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size,
-                                    scale=scale)
+    sparse = sparse_kv_fwd if SPARSE_PATH == "kv" else sparse_fwd
+    o, o_rla, rla_mass = sparse(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale)
     mark()
     DV = v.shape[-1]
     return (o.view(B, T, HQ, DV), o_rla.view(B, T, HQ, DV), rla_mass.view(B, T, HQ),

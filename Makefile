@@ -1,0 +1,40 @@
+# spla: two commands do all set-up on a fresh machine.
+#   make demo   - create .venv, install spla with pinned torch, run `spla demo`
+#   make test   - create .venv, install spla[dev] with pinned torch, run the CPU test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.13.0
+PINS   := $(TORCH) triton==3.6.0 "numpy<2.4"
+
+.PHONY: demo test test-slow test-gpu bench-cpu install install-dev clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PIP) install -q $(PINS) -e ".[dev]"
+	touch $@
+
+install-dev: $(VENV)/.installed
+
+demo: install-dev
+	$(VENV)/bin/spla demo
+
+test: install-dev
+	$(PY) -m pytest -q || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests: that is a failure" >&2; exit $$rc; }
+
+test-slow: install-dev
+	$(PY) -m pytest -q -m slow
+
+test-gpu: install-dev
+	$(PY) -m pytest -q -m gpu
+
+bench-cpu: install-dev
+	$(PY) benchmarks/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
