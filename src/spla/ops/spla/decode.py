@@ -1,0 +1,183 @@
+# -*- coding: utf-8 -*-
+"""SPLA decoding: a per-layer cache and the decode step, torch path (SPEC §7).
+
+The cache keeps, per batch element: K, V and k_lin of every token, the statistics (mean, second-order
+statistic, representative keys) of every complete block, and the fp32 linear state ``S`` (`[H, F, Dv]`)
+with its mass ``z`` (`[H, F]`). A step reads the statistics, the selected blocks and ``S``; it never reads
+an unselected block. The open (incomplete) block needs no statistics: it is always one of the forced
+local blocks, so it is never scored; its statistics are computed from the cached keys, once, when it
+completes (one block read per ``block_size`` tokens).
+
+Prefill fills the cache in bulk (statistics of all complete blocks at once, the state by one matmul);
+appending several tokens to a non-empty cache (chunked prefill) runs them as successive steps.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from spla.ops.spla.chunk import _sparse_chunk
+from spla.ops.spla.interface import spla_attn
+from spla.ops.spla.utils import (BlockStats, SPLAOutput, block_log_scores, block_stats, candidate_range, compute_dtype,
+                                 feature_map, feature_dim, forced_blocks, group_scores, topk_stable)
+
+
+class SPLADecodeState:
+    """Decoding cache of one attention layer for a batch of sequences of possibly different lengths.
+
+    Args:
+        batch_size, num_kv_heads, head_dim, value_dim, lin_dim: cache geometry (``lin_dim`` = Dl of k_lin).
+        block_size, topk, sink_blocks, local_blocks, selection, cov, rep_keys, feature_map, scale:
+            the options of :func:`spla.spla_attn`; decoding reproduces it at every position.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, value_dim: Optional[int] = None,
+                 lin_dim: Optional[int] = None, *, block_size: int = 64, topk: int = 16, sink_blocks: int = 1,
+                 local_blocks: int = 2, selection: str = "taylor2", cov: str = "diag", rep_keys: int = 1,
+                 feature_map: str = "softmax2", scale: Optional[float] = None, dtype=torch.float32,
+                 device=None, capacity: int = 0):
+        self.B, self.H, self.D = batch_size, num_kv_heads, head_dim
+        self.Dv, self.Dl = value_dim or head_dim, lin_dim or head_dim
+        self.opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                         selection=selection, cov=cov, rep_keys=rep_keys)
+        if selection == "taylor1" and cov == "full":
+            cov = "diag"  # taylor1 never reads the second-order statistic: keep the small one
+        self.block_size, self.topk = block_size, topk
+        self.sink_blocks, self.local_blocks = sink_blocks, local_blocks
+        self.selection, self.cov, self.rep_keys, self.fmap = selection, cov, rep_keys, feature_map
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.dtype, self.device = dtype, device
+        acc = compute_dtype(dtype)
+        Fd = feature_dim(self.Dl, feature_map)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.k = torch.zeros(batch_size, 0, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, 0, num_kv_heads, self.Dv, dtype=dtype, device=device)
+        self.k_lin = torch.zeros(batch_size, 0, num_kv_heads, self.Dl, dtype=dtype, device=device)
+        self.mean = torch.zeros(batch_size, 0, num_kv_heads, head_dim, dtype=acc, device=device)
+        sec = (head_dim, head_dim) if cov == "full" else (head_dim,)
+        self.second = torch.zeros(batch_size, 0, num_kv_heads, *sec, dtype=acc, device=device)
+        self.reps = torch.zeros(batch_size, 0, num_kv_heads, rep_keys, head_dim, dtype=acc, device=device)
+        self.S = torch.zeros(batch_size, num_kv_heads, Fd, self.Dv, dtype=acc, device=device)
+        self.z = torch.zeros(batch_size, num_kv_heads, Fd, dtype=acc, device=device)
+        if capacity:
+            self._grow(capacity)
+
+    # ------------------------------------------------------------------ storage
+    def _grow(self, need: int) -> None:
+        """Make room for ``need`` tokens per sequence (capacity doubles, in whole blocks)."""
+        cap = self.k.shape[1]
+        if need <= cap:
+            return
+        bs = self.block_size
+        new = max(need, 2 * cap, bs)
+        new = -(-new // bs) * bs
+
+        def pad(x, n):
+            return torch.cat([x, x.new_zeros(x.shape[0], n - x.shape[1], *x.shape[2:])], 1)
+
+        self.k, self.v, self.k_lin = pad(self.k, new), pad(self.v, new), pad(self.k_lin, new)
+        nb = new // bs
+        self.mean, self.second, self.reps = pad(self.mean, nb), pad(self.second, nb), pad(self.reps, nb)
+
+    def _complete_block(self, b: int, j: int) -> None:
+        """Statistics of block ``j`` of sequence ``b`` from its cached keys (it just became complete)."""
+        bs = self.block_size
+        st = block_stats(self.k[b, j * bs:(j + 1) * bs], bs, cov=self.cov, rep_keys=self.rep_keys)
+        self.mean[b, j] = st.mean[0]
+        self.second[b, j] = st.second[0]
+        if self.rep_keys:
+            self.reps[b, j] = st.reps[0]
+
+    def _append(self, k, v, k_lin) -> None:
+        """Append one token per sequence (`[B, H, *]`): caches, linear state, completed-block statistics."""
+        self._grow(int(self.lengths.max()) + 1)
+        rows = torch.arange(self.B, device=k.device)
+        self.k[rows, self.lengths], self.v[rows, self.lengths] = k, v
+        self.k_lin[rows, self.lengths] = k_lin
+        fk = feature_map(k_lin, self.fmap)  # [B, H, F]
+        self.S += fk[..., None] * v.to(fk.dtype)[:, :, None, :]
+        self.z += fk
+        self.lengths += 1
+        for b in range(self.B):
+            if self.lengths[b] % self.block_size == 0:
+                self._complete_block(b, int(self.lengths[b]) // self.block_size - 1)
+
+    # ------------------------------------------------------------------ prefill and steps
+    def prefill(self, q, k, v, q_lin=None, k_lin=None) -> SPLAOutput:
+        """Run :func:`spla.spla_attn` on a whole prompt (`[B, T, *]`, empty cache) and fill the cache in bulk."""
+        if int(self.lengths.max()) != 0:
+            return self.step(q, k, v, q_lin, k_lin)
+        q_lin = q if q_lin is None else q_lin
+        k_lin = k if k_lin is None else k_lin
+        out = spla_attn(q, k, v, q_lin, k_lin, feature_map=self.fmap, scale=self.scale, **self.opts)
+        B, T = k.shape[:2]
+        bs = self.block_size
+        self._grow(T)
+        self.k[:, :T], self.v[:, :T], self.k_lin[:, :T] = k.detach(), v.detach(), k_lin.detach()
+        nb = T // bs
+        for b in range(B):
+            if nb:
+                st = block_stats(k[b].detach(), bs, cov=self.cov, rep_keys=self.rep_keys)
+                self.mean[b, :nb], self.second[b, :nb] = st.mean, st.second
+                if self.rep_keys:
+                    self.reps[b, :nb] = st.reps
+        fk = feature_map(k_lin.detach(), self.fmap)  # [B, T, H, F]
+        self.S += torch.einsum("bthf,bthd->bhfd", fk, v.detach().to(fk.dtype))
+        self.z += fk.sum(1)
+        self.lengths += T
+        return out
+
+    @torch.no_grad()
+    def step(self, q, k, v, q_lin=None, k_lin=None) -> SPLAOutput:
+        """Append ``n >= 1`` new tokens per sequence (`[B, n, *]`) and return their outputs, token by token."""
+        q_lin = q if q_lin is None else q_lin
+        k_lin = k if k_lin is None else k_lin
+        outs = [self._step_one(q[:, i], k[:, i], v[:, i], q_lin[:, i], k_lin[:, i]) for i in range(q.shape[1])]
+        return SPLAOutput(*(torch.stack(x, 1) for x in zip(*outs)))
+
+    def _step_one(self, q, k, v, q_lin, k_lin):
+        """One token per sequence: q `[B, HQ, D]`, k `[B, H, D]`, v `[B, H, Dv]`."""
+        self._append(k, v, k_lin)
+        B, HQ, D = q.shape
+        H, G, bs = self.H, HQ // self.H, self.block_size
+        acc = compute_dtype(q.dtype)
+        o = q.new_zeros(B, HQ, self.Dv, dtype=acc)
+        o_rla = torch.zeros_like(o)
+        mass = q.new_zeros(B, HQ, dtype=acc)
+        indices = torch.full((B, H, self.topk), -1, dtype=torch.int32, device=q.device)
+        heads = torch.arange(H, device=q.device)[:, None]
+        for b in range(B):
+            t = int(self.lengths[b]) - 1
+            c = t // bs
+            forced = torch.tensor(forced_blocks(c, self.sink_blocks, self.local_blocks), device=q.device)
+            lo, hi = candidate_range(c, self.sink_blocks, self.local_blocks)
+            n_free = self.topk - forced.numel()
+            qb = q[b].to(acc).view(1, H, G, D)
+            if hi - lo <= n_free:
+                sel = torch.cat([forced, torch.arange(lo, hi, device=q.device)]).sort().values.expand(H, -1)
+            else:
+                kb = None
+                if self.selection == "oracle":  # the yardstick reads every key of the candidates
+                    kb = self.k[b, lo * bs:hi * bs].to(acc).view(hi - lo, bs, H, D)
+                stats = BlockStats(self.mean[b, lo:hi], self.second[b, lo:hi],
+                                   self.reps[b, lo:hi] if self.rep_keys else None)
+                l = block_log_scores(qb, stats, self.scale, bs, self.selection, self.cov, kb)
+                chosen = topk_stable(group_scores(l), n_free)[0] + lo  # [H, n_free]
+                sel = torch.cat([forced.expand(H, -1), chosen], -1).sort(-1).values
+            indices[b, :, :sel.shape[-1]] = sel.to(torch.int32)
+            # gather the selected blocks only: [H, nsel * bs, *]
+            pos = (sel[..., None] * bs + torch.arange(bs, device=q.device)).flatten(1)
+            K, V, KL = (x[b, pos.clamp(max=x.shape[1] - 1), heads].to(acc) for x in (self.k, self.v, self.k_lin))
+            valid = pos <= t
+            fq = feature_map(q_lin[b].view(1, H, G, -1), self.fmap)
+            ob, sel_lin, sel_mass = _sparse_chunk(qb, fq, K, V, feature_map(KL, self.fmap), valid[None], self.scale)
+            o[b] = ob.flatten(1, 2)[0]
+            if int(valid.sum(-1).min()) <= t:  # some visible token is unselected in at least one group
+                glob = torch.einsum("hgf,hfd->hgd", fq[0], self.S[b])
+                gmass = torch.einsum("hgf,hf->hg", fq[0], self.z[b])
+                empty = (valid.sum(-1) == t + 1)[:, None]  # [H, 1]: count, never trust cancellation
+                o_rla[b] = torch.where(empty[..., None], 0.0, glob - sel_lin[0]).flatten(0, 1)
+                mass[b] = torch.where(empty, 0.0, gmass - sel_mass[0]).flatten()
+        return o.to(q.dtype), o_rla.to(q.dtype), mass, indices

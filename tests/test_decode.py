@@ -1,0 +1,83 @@
+# -*- coding: utf-8 -*-
+"""Decoding with the SPLA cache reproduces spla_attn at every position (SPEC §7)."""
+
+import pytest
+import torch
+
+from spla import spla_attn
+from spla.ops.spla.decode import SPLADecodeState
+from tests.utils import assert_close, make_inputs
+
+OUTS = ("o_sparse", "o_rla", "rla_mass")
+
+
+def _state(B, H, D, **opts):
+    return SPLADecodeState(B, H, D, **opts)
+
+
+@pytest.mark.parametrize("HQ,H", [(2, 2), (6, 2), (8, 1)])
+@pytest.mark.parametrize("opts", [dict(), dict(selection="taylor1", rep_keys=0), dict(cov="full", rep_keys=2),
+                                  dict(selection="oracle"), dict(feature_map="elu1", sink_blocks=0, local_blocks=1)])
+def test_prefill_then_decode_matches_parallel(HQ, H, opts):
+    T, P, D = 230, 100, 64  # prompt of 100 tokens, then 130 decode steps crossing several block boundaries
+    q, k, v = make_inputs(1, T, HQ, H, D, seed=HQ + len(opts), requires_grad=False)
+    opts = dict(block_size=32, topk=4, **opts)
+    ref = spla_attn(q, k, v, **opts)
+    st = _state(1, H, D, **opts, dtype=q.dtype)
+    pre = st.prefill(q[:, :P], k[:, :P], v[:, :P])
+    steps = [st.step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]) for t in range(P, T)]
+    got = [torch.cat([getattr(pre, n)] + [getattr(s, n) for s in steps], 1) for n in OUTS + ("indices",)]
+    assert torch.equal(got[3], ref.indices)
+    for n, g in zip(OUTS, got):
+        assert_close(n, getattr(ref, n), g, 1e-10)
+
+
+def test_batched_different_lengths_and_chunked_append():
+    """Sequences of different lengths decode together; appending several tokens at once works too."""
+    H, HQ, D, T = 2, 4, 32, 170
+    opts = dict(block_size=32, topk=3, rep_keys=1)
+    seqs = [make_inputs(1, T, HQ, H, D, seed=s, requires_grad=False) for s in range(3)]
+    refs = [spla_attn(*x, **opts) for x in seqs]
+    st = _state(3, H, D, **opts, dtype=torch.float64)
+    # different prompt lengths: prefill each row by steps of its own until lengths are 40, 70, 95
+    starts = [40, 70, 95]
+    for b, s in enumerate(starts):
+        one = _state(1, H, D, **opts, dtype=torch.float64)
+        one.prefill(*(x[:, :s] for x in seqs[b]))
+        for name in ("k", "v", "k_lin", "mean", "second", "reps"):
+            src = getattr(one, name)
+            dst = getattr(st, name)
+            if dst.shape[1] < src.shape[1]:
+                st._grow(src.shape[1] * (st.block_size if name in ("mean", "second", "reps") else 1))
+                dst = getattr(st, name)
+            dst[b, :src.shape[1]] = src[0]
+        st.S[b], st.z[b], st.lengths[b] = one.S[0], one.z[0], s
+    # now feed 3 tokens at a time (chunked append), each row at its own position
+    for i in range(0, 60, 3):
+        pos = [s + i for s in starts]
+        xs = [torch.stack([seqs[b][j][0, p:p + 3] for b, p in enumerate(pos)]) for j in range(3)]
+        out = st.step(*xs)
+        for b, p in enumerate(pos):
+            assert torch.equal(out.indices[b], refs[b].indices[0, p:p + 3])
+            for n in OUTS:
+                assert_close(n, getattr(refs[b], n)[0, p:p + 3], getattr(out, n)[b], 1e-10)
+
+
+def test_decode_reads_only_selected_blocks():
+    """Poisoning every unselected cached block does not change the step's output."""
+    H, HQ, D, T = 1, 2, 32, 300
+    opts = dict(block_size=32, topk=3)
+    q, k, v = make_inputs(1, T, HQ, H, D, seed=3, requires_grad=False)
+    st = _state(1, H, D, **opts, dtype=torch.float64)
+    st.prefill(q[:, :T - 1], k[:, :T - 1], v[:, :T - 1])
+    clean = st.step(q[:, -1:], k[:, -1:], v[:, -1:])
+    st2 = _state(1, H, D, **opts, dtype=torch.float64)
+    st2.prefill(q[:, :T - 1], k[:, :T - 1], v[:, :T - 1])
+    sel_blocks = set(clean.indices[0, 0, 0].tolist()) | {(T - 1) // 32}
+    for j in range((T - 1) // 32):
+        if j not in sel_blocks:
+            for name in ("k", "v", "k_lin"):
+                getattr(st2, name)[0, j * 32:(j + 1) * 32] = float("nan")
+    poisoned = st2.step(q[:, -1:], k[:, -1:], v[:, -1:])
+    for n in OUTS:
+        assert torch.equal(getattr(clean, n), getattr(poisoned, n))
