@@ -37,7 +37,7 @@ class SPLADecodeState:
                  lin_dim: Optional[int] = None, *, block_size: int = 64, topk: int = 16, sink_blocks: int = 1,
                  local_blocks: int = 2, selection: str = "taylor2", cov: str = "diag", rep_keys: int = 1,
                  feature_map: str = "softmax2", scale: Optional[float] = None, dtype=torch.float32,
-                 device=None, capacity: int = 0):
+                 device=None, capacity: int = 0, backend: Optional[str] = None):
         self.B, self.H, self.D = batch_size, num_kv_heads, head_dim
         self.Dv, self.Dl = value_dim or head_dim, lin_dim or head_dim
         self.opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
@@ -49,6 +49,15 @@ class SPLADecodeState:
         self.selection, self.cov, self.rep_keys, self.fmap = selection, cov, rep_keys, feature_map
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.dtype, self.device = dtype, device
+        kernels_apply = selection in ("taylor2", "taylor1") and cov == "diag"
+        if backend is None:
+            backend = "triton" if torch.device(device or "cpu").type == "cuda" and kernels_apply else "torch"
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+        if backend == "triton" and not kernels_apply:
+            raise ValueError(f"backend='triton' decoding supports selection taylor1/taylor2 with cov='diag', got "
+                             f"selection={selection!r}, cov={cov!r}; use backend='torch'")
+        self.backend = backend
         acc = compute_dtype(dtype)
         Fd = feature_dim(self.Dl, feature_map)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -100,9 +109,8 @@ class SPLADecodeState:
         self.S += fk[..., None] * v.to(fk.dtype)[:, :, None, :]
         self.z += fk
         self.lengths += 1
-        for b in range(self.B):
-            if self.lengths[b] % self.block_size == 0:
-                self._complete_block(b, int(self.lengths[b]) // self.block_size - 1)
+        for b in (self.lengths % self.block_size == 0).nonzero().flatten().tolist():
+            self._complete_block(b, int(self.lengths[b]) // self.block_size - 1)
 
     # ------------------------------------------------------------------ prefill and steps
     def prefill(self, q, k, v, q_lin=None, k_lin=None) -> SPLAOutput:
@@ -140,6 +148,11 @@ class SPLADecodeState:
     def _step_one(self, q, k, v, q_lin, k_lin):
         """One token per sequence: q `[B, HQ, D]`, k `[B, H, D]`, v `[B, H, Dv]`."""
         self._append(k, v, k_lin)
+        if self.backend == "triton":
+            from spla.ops.spla.decode_kernels import decode_attend, decode_select
+            indices = decode_select(self, q)
+            o, o_rla, mass = decode_attend(self, q, q_lin, indices)
+            return o.to(q.dtype), o_rla.to(q.dtype), mass, indices
         B, HQ, D = q.shape
         H, G, bs = self.H, HQ // self.H, self.block_size
         acc = compute_dtype(q.dtype)
