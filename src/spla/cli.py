@@ -72,7 +72,7 @@ def _eval_ruler(args: argparse.Namespace) -> int:
     from spla.demo import run_ruler_eval
     return run_ruler_eval(model=args.model, tasks=args.tasks, lengths=args.lengths, limit=args.limit,
                           config=_spla_config_from_args(args), out_dir=args.out, device=args.device,
-                          threads=args.threads, batch_size=args.batch_size)
+                          threads=args.threads, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lengths", type=int, nargs="+", default=[1024], help="RULER max_seq_lengths (default 1024)")
     r.add_argument("--limit", type=int, default=10, help="examples per task and length (default 10)")
     r.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    r.add_argument("--max-gen-toks", type=int, default=None,
+                   help="cap on generated tokens per answer (default: the task's own, 128 for most RULER tasks)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--out", default="out/ruler", help="output folder (default out/ruler)")
     _add_spla_options(r, topk=8)
     r.set_defaults(func=_eval_ruler)
     e.set_defaults(func=lambda a: (e.print_help() or 0))
+
+    # `spla train` (issue 7): continual pretraining, defined in spla.train.cli
+    from spla.train.cli import add_train_parser
+    add_train_parser(sub)
     return p
 
 

@@ -338,3 +338,87 @@ def plot_results(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- RULER (lm-eval)
+RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+
+
+def run_ruler_eval(model: str = "smollm2", tasks: Sequence[str] = RULER_OFFLINE, lengths: Sequence[int] = (1024,),
+                   limit: Optional[int] = 10, config: Optional[SPLAConfig] = None, out_dir: str = "out/ruler",
+                   device: Optional[str] = None, threads: Optional[int] = None, batch_size: int = 1,
+                   max_gen_toks: Optional[int] = None) -> int:
+    """lm-eval RULER tasks on the dense model and its SPLA conversion, side by side (offline only).
+
+    Each task runs on its own; a task that cannot build its data offline (or fails otherwise) is reported with
+    the reason instead of a score. Scores are lm-eval's (string match of the references in the greedy output).
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        print("spla eval ruler needs lm-evaluation-harness: pip install -e '.[eval]'")
+        return 2
+    from spla.models import convert, load, load_tokenizer, spla_config_of
+
+    t0 = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = config or SPLAConfig(topk=8)
+    os.makedirs(out_dir, exist_ok=True)
+    tok = load_tokenizer(model)
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    tok.save_pretrained(tok_dir)  # lm-eval's RULER sizes its prompts with a tokenizer it loads by path
+    base = load(model).to(dev).eval()
+    if spla_config_of(base) is not None:
+        print(f"{model} is already an SPLA model: evaluating it alone (no dense counterpart)")
+        models = {"spla": base}
+    else:
+        import copy
+        models = {"dense": base, "spla": convert(copy.deepcopy(base), config).eval()}
+    print(f"SPLA options: {spla_config_of(models['spla']).to_dict()}")
+    gen = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
+    scores: Dict[str, Dict[str, dict]] = {t: {} for t in tasks}
+    for name, m in models.items():
+        lm = HFLM(pretrained=m, tokenizer=tok, batch_size=batch_size, max_length=max(lengths) + 256, device=str(dev))
+        for task in tasks:
+            print(f"[{name}] {task} at {list(lengths)} (limit {limit}) ...", flush=True)
+            try:
+                r = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, gen_kwargs=gen,
+                                            metadata={"max_seq_lengths": list(lengths), "tokenizer": tok_dir})
+                res = r["results"][task]
+                n = len(r["samples"][task]) if "samples" in r else None
+                scores[task][name] = {"n": n, **{str(L): res.get(f"{L},none") for L in lengths}}
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                offline = any(s in msg.lower() for s in ("offline", "connect", "hub", "resolve", "urlopen", "network"))
+                scores[task][name] = {"error": ("not runnable offline: " if offline else "failed: ") + msg}
+    lines = ["| task | length | " + " | ".join(models) + " | examples |", "|---|---|" + "---|" * len(models) + "---|"]
+    for task in tasks:
+        for L in lengths:
+            cells, n = [], "-"
+            for name in models:
+                s = scores[task].get(name, {})
+                if "error" in s:
+                    cells.append(s["error"])
+                else:
+                    v = s.get(str(L))
+                    cells.append("-" if v is None or v < 0 else f"{v:.3f}")
+                    n = s.get("n") or n
+            lines.append(f"| {task} | {L} | " + " | ".join(cells) + f" | {n} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    with open(os.path.join(out_dir, "ruler.json"), "w") as f:
+        json.dump({"model": model, "lengths": list(lengths), "limit": limit,
+                   "spla": spla_config_of(models["spla"]).to_dict(), "scores": scores,
+                   "wall_s": time.time() - t0}, f, indent=1)
+    with open(os.path.join(out_dir, "ruler.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"\nscores: lm-eval string match (share of reference strings in the greedy output), {limit} examples per "
+          f"task and length; results in {out_dir}/ruler.json. The SPLA model is a training-free conversion "
+          f"(residual weight 0: top-k block-sparse attention). Wall time {time.time() - t0:.0f} s.")
+    return 0

@@ -136,11 +136,11 @@ class SPLAConfig:
 class GroupRMSNorm(nn.Module):
     """RMSNorm over the last dim with a weight per head and channel, ``[num_heads, dim]``, computed in fp32."""
 
-    def __init__(self, num_heads: int, dim: int, eps: float = 1e-6, init: float = 1.0):
+    def __init__(self, num_heads: int, dim: int, eps: float = 1e-6, init: float = 1.0, device=None, dtype=None):
         super().__init__()
         self.eps = eps
         self.init_value = float(init)
-        self.weight = nn.Parameter(torch.full((num_heads, dim), float(init)))
+        self.weight = nn.Parameter(torch.full((num_heads, dim), float(init), device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -256,16 +256,14 @@ class SPLAAttention(nn.Module):
     # ------------------------------------------------------------------ set-up
     def _init_merge_norms(self) -> None:
         c = self.spla_config
+        w = self.q_proj.weight
+        kw = dict(device=w.device, dtype=w.dtype if w.dtype.is_floating_point else None)
         if c.merge == "residual":
             self.sparse_norm = None
-            self.rla_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=0.0)
+            self.rla_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=0.0, **kw)
         else:
-            self.sparse_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=1.0)
-            self.rla_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=1.0)
-        dev = self.q_proj.weight.device
-        for m in (self.sparse_norm, self.rla_norm):
-            if m is not None:
-                m.to(dev)
+            self.sparse_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=1.0, **kw)
+            self.rla_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=1.0, **kw)
 
     def set_config(self, config: SPLAConfig) -> None:
         """Change the operator options (selection, topk, ...) in place; the merge kind cannot change."""
@@ -330,11 +328,12 @@ class SPLAAttention(nn.Module):
     def merge(self, o_sparse: torch.Tensor, o_rla: torch.Tensor, rla_mass: torch.Tensor) -> torch.Tensor:
         """Per-head merge of SPEC §6 (fp32)."""
         c = self.spla_config
+        acc = torch.promote_types(o_sparse.dtype, torch.float32)
         if c.rla_norm == "mass":
-            r = o_rla.float() / (rla_mass.float()[..., None] + c.norm_eps) * self.rla_norm.weight.float()
+            r = o_rla.to(acc) / (rla_mass.to(acc)[..., None] + c.norm_eps) * self.rla_norm.weight.to(acc)
         else:
             r = self.rla_norm(o_rla)
-        s = o_sparse.float() if self.sparse_norm is None else self.sparse_norm(o_sparse)
+        s = o_sparse.to(acc) if self.sparse_norm is None else self.sparse_norm(o_sparse)
         return s + r
 
     def need_rla(self) -> bool:
@@ -464,37 +463,45 @@ class SPLAAttention(nn.Module):
         kb, vb = blocks(k), blocks(v)
         klb = blocks(feature_map(k_lin, c.feature_map)) if need_rla else None
         heads = torch.arange(H, device=q.device)[:, None]
-        o_parts, l_parts, m_parts, cnt_parts = [], [], [], []
+        # head-major layouts so that every product below is one bmm over the H KV heads
+        qh = q.to(acc).view(n, H, G, D).transpose(0, 1).contiguous()  # [H, n, G, D]
+        fqh = feature_map(q_lin, c.feature_map).view(n, H, G, -1).transpose(0, 1).contiguous() if need_rla else None
+        oh = qh.new_empty(H, n, G, Dv)
+        if need_rla:
+            lh, mh, cnt = qh.new_empty(H, n, G, Dv), qh.new_empty(H, n, G), qh.new_empty(H, n)
+        ar = torch.arange(bs, device=q.device)
         for blk in range(p0 // bs, (L - 1) // bs + 1):
             r0, r1 = max(blk * bs, p0) - p0, min((blk + 1) * bs, L) - p0
             m = r1 - r0
-            ids = indices[r0:r1].long()  # [m, H, K]
-            present = torch.zeros(m, H, nb_all + 1, dtype=torch.bool, device=q.device)
+            ids = indices[r0:r1].long().transpose(0, 1)  # [H, m, K]
+            present = torch.zeros(H, m, nb_all + 1, dtype=torch.bool, device=q.device)
             present = present.scatter_(2, torch.where(ids >= 0, ids, nb_all), True)[..., :nb_all]  # -1 -> dummy
-            used = present.any(0)  # [H, NB]
+            used = present.any(1)  # [H, NB]
             U = int(used.sum(-1).max())
             order = torch.sort(used.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :U]  # [H, U]
             ok = torch.gather(used, 1, order)
             K = kb[heads, order].reshape(H, U * bs, D)
             V = vb[heads, order].reshape(H, U * bs, Dv)
-            tok = (order[..., None] * bs + torch.arange(bs, device=q.device)).reshape(H, U * bs)
-            rowmask = (torch.gather(present, 2, order[None].expand(m, -1, -1)) & ok).repeat_interleave(bs, -1)
+            tok = (order[..., None] * bs + ar).reshape(H, 1, U * bs)
+            rowmask = (torch.gather(present, 2, order[:, None].expand(H, m, U)) & ok[:, None]).repeat_interleave(bs, -1)
             pos = torch.arange(p0 + r0, p0 + r1, device=q.device)
-            mask = rowmask & (tok[None] <= pos[:, None, None])  # [m, H, U*bs]
-            qc = q[r0:r1].to(acc).view(m, H, G, D)
-            s = torch.einsum("mhgd,hkd->mhgk", qc, K) * self.scaling
-            p = torch.softmax(s.masked_fill(~mask[:, :, None], float("-inf")), -1)
-            o_parts.append(torch.einsum("mhgk,hkd->mhgd", p, V).reshape(m, HQ, Dv))
+            mask = rowmask & (tok <= pos[None, :, None])  # [H, m, U*bs]
+            sc = torch.bmm(qh[:, r0:r1].reshape(H, m * G, D), K.transpose(1, 2)).view(H, m, G, U * bs)
+            sc.mul_(self.scaling).masked_fill_(~mask[:, :, None], float("-inf"))
+            p = torch.softmax(sc, -1).view(H, m * G, U * bs)
+            oh[:, r0:r1] = torch.bmm(p, V).view(H, m, G, Dv)
             if need_rla:
-                fq = feature_map(q_lin[r0:r1], c.feature_map).view(m, H, G, -1)
-                w = torch.einsum("mhgf,hkf->mhgk", fq, klb[heads, order].reshape(H, U * bs, -1)) * mask[:, :, None]
-                l_parts.append(torch.einsum("mhgk,hkd->mhgd", w, V).reshape(m, HQ, Dv))
-                m_parts.append(w.sum(-1).reshape(m, HQ))
-                cnt_parts.append(mask.sum(-1))  # [m, H] selected visible tokens
-        o_sparse = torch.cat(o_parts)
+                KL = klb[heads, order].reshape(H, U * bs, -1)
+                w = torch.bmm(fqh[:, r0:r1].reshape(H, m * G, -1), KL.transpose(1, 2)).view(H, m, G, U * bs)
+                w = w * mask[:, :, None]
+                lh[:, r0:r1] = torch.bmm(w.view(H, m * G, -1), V).view(H, m, G, Dv)
+                mh[:, r0:r1] = w.sum(-1)
+                cnt[:, r0:r1] = mask.sum(-1)  # selected visible tokens
+        o_sparse = oh.transpose(0, 1).reshape(n, HQ, Dv)
         if not need_rla:
             return o_sparse, torch.zeros_like(o_sparse), o_sparse.new_zeros(n, HQ)
-        sel_lin, sel_mass, count = torch.cat(l_parts), torch.cat(m_parts), torch.cat(cnt_parts)
+        sel_lin, sel_mass = lh.transpose(0, 1).reshape(n, HQ, Dv), mh.transpose(0, 1).reshape(n, HQ)
+        count = cnt.transpose(0, 1)  # [n, H]
         fq = feature_map(q_lin, c.feature_map)
         fk = feature_map(k_lin, c.feature_map)
         if p0 == 0:

@@ -144,9 +144,6 @@ def convert(model: nn.Module, config: Optional[Union[SPLAConfig, dict]] = None) 
                             layer_idx=getattr(attn, "layer_idx", i), scale=attn.scaling,
                             q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj, o_proj=attn.o_proj,
                             q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
-        w = attn.q_proj.weight
-        if w.device.type != "meta":
-            new.to(device=w.device, dtype=w.dtype)
         new.config = hf_cfg
         layer.self_attn = new
     _drop_sliding_window(model)

@@ -205,9 +205,10 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
     BK = min(64, triton.next_power_of_2(F))
     BV = min(64, triton.next_power_of_2(DV))
-    spla_fwd_kernel_linear_h[(triton.cdiv(F, BK), triton.cdiv(DV, BV), N * H)](
+    BVH = min(32, BV)  # the sequential state pass: more, thinner programs
+    spla_fwd_kernel_linear_h[(triton.cdiv(F, BK), triton.cdiv(DV, BVH), N * H)](
         fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
-        H=H, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, CDT=cdt, num_warps=4, num_stages=2)
+        H=H, F=F, DV=DV, BK=BK, BV=BVH, BC=chunk_size, DOT_PREC=prec, CDT=cdt, num_warps=4, num_stages=2)
     o = fq.new_empty(T, HQ, DV, dtype=torch.float32)
     om = fq.new_empty(T, HQ, dtype=torch.float32)
     spla_fwd_kernel_linear[(HQ, triton.cdiv(DV, BV), NT)](

@@ -30,6 +30,7 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 import triton
 import triton.language as tl
 
@@ -42,10 +43,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # chunk length of the global linear attention
 LINEAR_CHUNK = 64
 # the sparse stage: "kv" (KV-block-major, each selected block loaded once per group of tokens that chose it,
-# partials merged per token) or "token" (one program per token and KV head, gathers its own blocks)
-SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "kv")
+# partials merged per token), "token" (one program per token and KV head, gathers its own blocks; its G heads
+# fill the 16 rows of tl.dot from G = 8 on) or "auto" (token for G >= 8, else kv; measured on an H100)
+SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
+# where every block is selected (T <= topk * block_size, no cu_seqlens, Dv == D, CUDA) SPLA is causal attention
+# with a zero residual: run torch's SDPA (flash) instead of the sparse kernels
+DENSE_FAST_PATH = True
 # rows (query tokens x padded group heads) of one scoring tile
-TOPK_ROWS = 64
+TOPK_ROWS = 128
 
 
 @triton.jit
@@ -374,8 +379,8 @@ def spla_fwd_kernel_sparse_kv(
     all_len,  # [NBA] int64 its length
     p_lse,  # [E, G] fp32 log2-sum-exp2 of the entry's scores
     p_o,  # [E, G, DV] attention output normalized over the entry's block
-    p_lin,  # [E, G, DV] selected linear term of the entry's block
-    p_mass,  # [E, G] fp32 its mass
+    glob,  # [T, HQ, DV] fp32 global linear attention: the selected linear terms are subtracted in place
+    glob_mass,  # [T, HQ] fp32 its mass, likewise
     scale,
     NBA,
     e0,  # first entry id of this token chunk
@@ -459,20 +464,19 @@ def spla_fwd_kernel_sparse_kv(
     tl.store(p_lse + p_e, b_m + tl.log2(b_l), mask=m_r)
     tl.store(p_o + p_e[:, None] * DV + o_v[None, :], (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_o)
     if LIN:
-        tl.store(p_lin + p_e[:, None] * DV + o_v[None, :], b_lin.to(p_lin.dtype.element_ty), mask=m_o)
-        tl.store(p_mass + p_e, b_ms, mask=m_r)
+        # residual = global - selected: subtract this block's linear term (fp32 atomics, order not fixed)
+        tl.atomic_add(glob + p_row[:, None] * DV + o_v[None, :], -b_lin, mask=m_o, sem='relaxed')
+        tl.atomic_add(glob_mass + p_row, -b_ms, mask=m_r, sem='relaxed')
 
 
 @triton.jit(do_not_specialize=['t0', 'e0'])
 def spla_fwd_kernel_merge(
     p_lse,  # [E, G] fp32
     p_o,  # [E, G, DV]
-    p_lin,  # [E, G, DV]
-    p_mass,  # [E, G] fp32
     indices,  # [T, H, TOPK] int32
     tok_bos,  # [T] int64
-    glob,  # [T, HQ, DV] fp32
-    glob_mass,  # [T, HQ] fp32
+    glob,  # [T, HQ, DV] fp32 global minus selected linear term
+    glob_mass,  # [T, HQ] fp32 its mass
     o,  # [T, HQ, DV]
     o_rla,  # [T, HQ, DV]
     rla_mass,  # [T, HQ] fp32
@@ -488,7 +492,7 @@ def spla_fwd_kernel_merge(
     TOPK: tl.constexpr,
     BTOPK: tl.constexpr,
 ):
-    """Merge the per-block partials of one token and KV head, then finish the residual (counted)."""
+    """Merge the per-block partials of one token and KV head; the residual is 0 where nothing is unselected."""
     i_t, i_h = tl.program_id(0).to(tl.int64) + t0, tl.program_id(1).to(tl.int64)
     pos = i_t - tl.load(tok_bos + i_t).to(tl.int64)
     o_g = tl.arange(0, GP)
@@ -505,8 +509,6 @@ def spla_fwd_kernel_merge(
     b_m = tl.full([GP], float('-inf'), dtype=tl.float32)
     b_den = tl.zeros([GP], dtype=tl.float32)
     b_acc = tl.zeros([GP, BDV], dtype=tl.float32)
-    b_lin = tl.zeros([GP, BDV], dtype=tl.float32)
-    b_ms = tl.zeros([GP], dtype=tl.float32)
     for i in range(n_sel):
         p_e = ((i_t * H + i_h) * TOPK + i - e0) * G + o_g
         b_lse = tl.load(p_lse + p_e, mask=m_g, other=0.)
@@ -517,15 +519,12 @@ def spla_fwd_kernel_merge(
         b_oi = tl.load(p_o + p_e[:, None] * DV + o_v[None, :], mask=m_o, other=0.).to(tl.float32)
         b_acc = b_acc * b_a[:, None] + b_b[:, None] * b_oi
         b_m = b_mn
-        b_lin += tl.load(p_lin + p_e[:, None] * DV + o_v[None, :], mask=m_o, other=0.).to(tl.float32)
-        b_ms += tl.load(p_mass + p_e, mask=m_g, other=0.)
     p_row = i_t * HQ + i_h * G + o_g
     tl.store(o + p_row[:, None] * DV + o_v[None, :], (b_acc / b_den[:, None]).to(o.dtype.element_ty), mask=m_o)
     b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
     b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
-    tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], tl.where(empty, 0., b_gl - b_lin).to(o_rla.dtype.element_ty),
-             mask=m_o)
-    tl.store(rla_mass + p_row, tl.where(empty, 0., b_gm - b_ms), mask=m_g)
+    tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], tl.where(empty, 0., b_gl).to(o_rla.dtype.element_ty), mask=m_o)
+    tl.store(rla_mass + p_row, tl.where(empty, 0., b_gm), mask=m_g)
 
 
 _META_CACHE: Dict[tuple, dict] = {}
@@ -582,11 +581,11 @@ def compute_dtype(dtype: torch.dtype):
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
-def _topk_tile(block_size: int, G: int) -> Optional[int]:
+def _topk_tile(block_size: int, G: int, rows: Optional[int] = None) -> Optional[int]:
     """Query tokens per scoring tile (a power of two dividing block_size), or None when too small for tl.dot."""
     GP = triton.next_power_of_2(G)
     bt = block_size & -block_size  # largest power of two dividing block_size
-    bt = min(bt, max(1, TOPK_ROWS // GP))
+    bt = min(bt, max(1, (rows or TOPK_ROWS) // GP))
     return bt if bt * GP >= 16 else None
 
 
@@ -623,7 +622,8 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
         HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), BT=tile,
         KP=max(16, triton.next_power_of_2(topk)), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
         TOPK=topk, SINK=sink_blocks, LOCAL=local_blocks, BS=block_size, TAYLOR2=selection == "taylor2",
-        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge, num_warps=4, num_stages=2)
+        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge, num_warps=8 if tile * GP >= 128 else 4,
+        num_stages=2)
     return indices
 
 
@@ -673,10 +673,11 @@ def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
 
 
 def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
-                  lin: bool = True, rows: int = 64):
+                  lin: bool = True, rows: int = 64, num_warps: int = 4):
     """KV-block-major sparse stage (each selected block is loaded once per BQ tokens that chose it).
 
     Processes the tokens in chunks so that the per-(token, block) partials stay under ``PARTIAL_BUDGET``.
+    The selected linear terms are subtracted from ``glob`` / ``glob_mass`` in place (fp32 atomics).
     """
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
@@ -689,15 +690,14 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
     NBA = meta["all_tok"].numel()
     pdt = q.dtype
     chunk = max(1, min(T, PARTIAL_BUDGET // (H * topk * G * DV)))
+    if not lin:
+        glob, glob_mass = glob.clone(), glob_mass.clone()
     o = q.new_empty(T, HQ, DV)
     o_rla = q.new_empty(T, HQ, DV)
     rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
     E = min(T, chunk) * H * topk
     p_lse = q.new_empty(E, G, dtype=torch.float32)
-    p_mass = q.new_empty(E, G, dtype=torch.float32)
     p_o = q.new_empty(E, G, DV, dtype=pdt)
-    # the selected linear term stays fp32: o_rla = glob - lin must not lose the subtraction to rounding
-    p_lin = q.new_empty(E, G, DV, dtype=torch.float32)
     BK = max(16, min(128, triton.next_power_of_2(block_size)))
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -707,27 +707,42 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
         if wkey.numel() > 0:
             spla_fwd_kernel_sparse_kv[(wkey.numel(),)](
                 q, k, v, fq, fk, wkey, wstart, wend, perm, meta["all_tok"], meta["all_len"],
-                p_lse, p_o, p_lin, p_mass, scale, NBA, e0,
+                p_lse, p_o, glob, glob_mass, scale, NBA, e0,
                 HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV),
                 F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=BK, BQ=BQ, TOPK=topk,
-                DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, num_warps=4, num_stages=2)
+                DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, num_warps=num_warps,
+                num_stages=2)
         spla_fwd_kernel_merge[(t1 - t0, H)](
-            p_lse, p_o, p_lin, p_mass, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass, t0, e0,
+            p_lse, p_o, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass, t0, e0,
             HQ=HQ, H=H, G=G, GP=GP, DV=DV, BDV=triton.next_power_of_2(DV), BS=block_size, TOPK=topk,
             BTOPK=triton.next_power_of_2(topk), num_warps=4)
     return o, o_rla, rla_mass
 
 
-def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, local_blocks, selection, cov,
-                      rep_keys, feature_map_name, scale, cu_seqlens, timings: Optional[list] = None):
-    """All forward stages on `[B, T, ...]` inputs; returns (o_sparse, o_rla, rla_mass, indices).
+def dense_fwd(q, k, v, *, block_size: int, topk: int, scale: float):
+    """Every block selected (T <= topk * block_size): causal SDPA, a zero residual and indices ``0..c``."""
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    o = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                     scale=scale, enable_gqa=HQ != H).transpose(1, 2)
+    c = torch.arange(T, device=q.device) // block_size
+    ar = torch.arange(topk, device=q.device)
+    indices = torch.where(ar[None, :] <= c[:, None], ar[None, :], -1).to(torch.int32)
+    indices = indices[None, :, None, :].expand(B, T, H, topk).contiguous()
+    o_rla = torch.zeros(B, T, HQ, v.shape[-1], dtype=q.dtype, device=q.device)
+    rla_mass = torch.zeros(B, T, HQ, dtype=torch.float32, device=q.device)
+    return o, o_rla, rla_mass, indices
 
-    ``timings``: when a list is given, CUDA events are appended after every stage (benchmarking only).
-    """
+
+def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, local_blocks, selection, cov,
+                      rep_keys, feature_map_name, scale, cu_seqlens):
+    """All forward stages on `[B, T, ...]` inputs; returns (o_sparse, o_rla, rla_mass, indices)."""
     B, T, HQ, D = q.shape
     H = k.shape[2]
     G = HQ // H
     dtype = q.dtype
+    if DENSE_FAST_PATH and cu_seqlens is None and T <= topk * block_size and v.shape[-1] == D and q.is_cuda:
+        return dense_fwd(q, k, v, block_size=block_size, topk=topk, scale=scale)
     if cu_seqlens is None:
         cu = tuple(range(0, B * T + 1, T))
     else:
@@ -735,33 +750,21 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
     tile = _topk_tile(block_size, G)
     meta = _prepare_meta(cu, block_size, tile or 1, q.device)
     qf, kf, vf = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v))
-
-    def mark():
-        if timings is not None:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            timings.append(ev)
-
-    mark()
     if selection == "oracle" or cov == "full" or tile is None:
         indices = chunk_spla_select(q, k, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
                                     local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
                                     scale=scale, cu_seqlens=cu_seqlens).reshape(B * T, H, topk)
-        mark()
     else:
         stats = block_stats_fwd(kf, meta, block_size, rep_keys, selection == "taylor2")
-        mark()
         indices = select_fwd(qf, stats, meta, H=H, block_size=block_size, tile=tile, topk=topk,
                              sink_blocks=sink_blocks, local_blocks=local_blocks, selection=selection,
                              rep_keys=rep_keys, scale=scale)
-    mark()
     fq = feature_map_fwd(q_lin.reshape(B * T, HQ, -1).contiguous(), feature_map_name, dtype)
     fk = feature_map_fwd(k_lin.reshape(B * T, H, -1).contiguous(), feature_map_name, dtype)
     glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
-    mark()
-    sparse = sparse_kv_fwd if SPARSE_PATH == "kv" else sparse_fwd
+    path = SPARSE_PATH if SPARSE_PATH != "auto" else ("token" if G >= 8 else "kv")
+    sparse = sparse_kv_fwd if path == "kv" else sparse_fwd
     o, o_rla, rla_mass = sparse(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale)
-    mark()
     DV = v.shape[-1]
     return (o.view(B, T, HQ, DV), o_rla.view(B, T, HQ, DV), rla_mass.view(B, T, HQ),
             indices.view(B, T, H, topk))
