@@ -39,19 +39,20 @@ def test_batched_different_lengths_and_chunked_append():
     seqs = [make_inputs(1, T, HQ, H, D, seed=s, requires_grad=False) for s in range(3)]
     refs = [spla_attn(*x, **opts) for x in seqs]
     st = _state(3, H, D, **opts, dtype=torch.float64)
-    # different prompt lengths: prefill each row by steps of its own until lengths are 40, 70, 95
+    # different prompt lengths 40, 70, 95: a left-padded batch, padding marked by key_valid
     starts = [40, 70, 95]
+    P = max(starts)
+    key_valid = torch.zeros(3, P, dtype=torch.bool)
+    prompt = [torch.zeros(3, P, *x.shape[2:], dtype=x.dtype) for x in seqs[0]]
     for b, s in enumerate(starts):
-        one = _state(1, H, D, **opts, dtype=torch.float64)
-        one.prefill(*(x[:, :s] for x in seqs[b]))
-        for name in ("k", "v", "k_lin", "mean", "second", "reps"):
-            src = getattr(one, name)
-            dst = getattr(st, name)
-            if dst.shape[1] < src.shape[1]:
-                st._grow(src.shape[1] * (st.block_size if name in ("mean", "second", "reps") else 1))
-                dst = getattr(st, name)
-            dst[b, :src.shape[1]] = src[0]
-        st.S[b], st.z[b], st.lengths[b] = one.S[0], one.z[0], s
+        key_valid[b, P - s:] = True
+        for j in range(3):
+            prompt[j][b, P - s:] = seqs[b][j][0, :s]
+    pre = st.prefill(*prompt, key_valid=key_valid)
+    for b, s in enumerate(starts):
+        assert torch.equal(pre.indices[b, P - s:], refs[b].indices[0, :s])
+        assert_close("prefill o_rla", refs[b].o_rla[0, :s], pre.o_rla[b, P - s:], 1e-10)
+        assert (pre.o_sparse[b, :P - s] == 0).all()
     # now feed 3 tokens at a time (chunked append), each row at its own position
     for i in range(0, 60, 3):
         pos = [s + i for s in starts]

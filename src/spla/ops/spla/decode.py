@@ -113,29 +113,55 @@ class SPLADecodeState:
             self._complete_block(b, int(self.lengths[b]) // self.block_size - 1)
 
     # ------------------------------------------------------------------ prefill and steps
-    def prefill(self, q, k, v, q_lin=None, k_lin=None) -> SPLAOutput:
-        """Run :func:`spla.spla_attn` on a whole prompt (`[B, T, *]`, empty cache) and fill the cache in bulk."""
+    def prefill(self, q, k, v, q_lin=None, k_lin=None, key_valid: Optional[torch.Tensor] = None) -> SPLAOutput:
+        """Run :func:`spla.spla_attn` on whole prompts (`[B, T, *]`, empty cache) and fill the cache in bulk.
+
+        ``key_valid [B, T]`` (bool) marks real tokens of left/right-padded prompts: each row is then its own
+        sequence of its real tokens (positions count real tokens only); padded rows of the outputs are 0.
+        """
         if int(self.lengths.max()) != 0:
             return self.step(q, k, v, q_lin, k_lin)
         q_lin = q if q_lin is None else q_lin
         k_lin = k if k_lin is None else k_lin
+        if key_valid is not None and not bool(key_valid.all()):
+            return self._prefill_rows(q, k, v, q_lin, k_lin, key_valid)
         out = spla_attn(q, k, v, q_lin, k_lin, feature_map=self.fmap, scale=self.scale, **self.opts)
-        B, T = k.shape[:2]
-        bs = self.block_size
-        self._grow(T)
-        self.k[:, :T], self.v[:, :T], self.k_lin[:, :T] = k.detach(), v.detach(), k_lin.detach()
-        nb = T // bs
-        for b in range(B):
-            if nb:
-                st = block_stats(k[b].detach(), bs, cov=self.cov, rep_keys=self.rep_keys)
-                self.mean[b, :nb], self.second[b, :nb] = st.mean, st.second
-                if self.rep_keys:
-                    self.reps[b, :nb] = st.reps
-        fk = feature_map(k_lin.detach(), self.fmap)  # [B, T, H, F]
-        self.S += torch.einsum("bthf,bthd->bhfd", fk, v.detach().to(fk.dtype))
-        self.z += fk.sum(1)
-        self.lengths += T
+        for b in range(k.shape[0]):
+            self._fill_row(b, k[b].detach(), v[b].detach(), k_lin[b].detach())
         return out
+
+    def _prefill_rows(self, q, k, v, q_lin, k_lin, key_valid) -> SPLAOutput:
+        B, T, HQ = q.shape[:3]
+        acc = compute_dtype(q.dtype)
+        o = q.new_zeros(B, T, HQ, self.Dv)
+        o_rla = torch.zeros_like(o)
+        mass = q.new_zeros(B, T, HQ, dtype=acc)
+        indices = torch.full((B, T, self.H, self.topk), -1, dtype=torch.int32, device=q.device)
+        for b in range(B):
+            rows = key_valid[b].nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            out = spla_attn(*(x[b, rows][None] for x in (q, k, v, q_lin, k_lin)), feature_map=self.fmap,
+                            scale=self.scale, **self.opts)
+            o[b, rows], o_rla[b, rows], mass[b, rows], indices[b, rows] = (x[0] for x in out)
+            self._fill_row(b, k[b, rows].detach(), v[b, rows].detach(), k_lin[b, rows].detach())
+        return SPLAOutput(o, o_rla, mass, indices)
+
+    def _fill_row(self, b: int, k, v, k_lin) -> None:
+        """Bulk-fill row ``b`` of an empty cache with a whole sequence (`[L, H, *]`)."""
+        L, bs = k.shape[0], self.block_size
+        self._grow(L)
+        self.k[b, :L], self.v[b, :L], self.k_lin[b, :L] = k, v, k_lin
+        nb = L // bs
+        if nb:
+            st = block_stats(k, bs, cov=self.cov, rep_keys=self.rep_keys)
+            self.mean[b, :nb], self.second[b, :nb] = st.mean, st.second
+            if self.rep_keys:
+                self.reps[b, :nb] = st.reps
+        fk = feature_map(k_lin, self.fmap)  # [L, H, F]
+        self.S[b] += torch.einsum("thf,thd->hfd", fk, v.to(fk.dtype))
+        self.z[b] += fk.sum(0)
+        self.lengths[b] = L
 
     @torch.no_grad()
     def step(self, q, k, v, q_lin=None, k_lin=None) -> SPLAOutput:
