@@ -313,10 +313,12 @@ def plot_results(result: dict, path: str) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = result["lengths"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     ax = axes[0]
-    for m in methods:
+    for i, m in enumerate(methods):
         acc = [next(r["correct"] / r["trials"] for r in rows if r["method"] == m and r["length"] == L) for L in lengths]
-        ax.plot(lengths, acc, marker="o", label=m)
+        shift = 1.0 + 0.025 * (i - (len(methods) - 1) / 2)  # side by side instead of on top of each other
+        ax.plot([L * shift for L in lengths], acc, marker="o", label=m, color=colors.get(m))
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.set_ylim(-0.05, 1.05)
@@ -327,7 +329,7 @@ def plot_results(result: dict, path: str) -> None:
     for ax, key, title in ((axes[1], "mass", "dense attention mass inside the selected blocks"),
                            (axes[2], "err", "relative error of the attention output")):
         for m, d in result["per_layer"].items():
-            ax.plot(range(len(d[key])), d[key], marker=".", label=m)
+            ax.plot(range(len(d[key])), d[key], marker=".", label=m, color=colors.get(m))
         ax.set_xlabel("layer")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)

@@ -42,6 +42,23 @@ def load_tokenizer(name_or_dir: str = "smollm2"):
     return AutoTokenizer.from_pretrained(name_or_dir)
 
 
+def _forget_gguf(model) -> None:
+    """The GGUF weights were de-quantized into plain ``nn.Linear`` layers: drop the GGUF quantizer so that the
+    model is an ordinary fp model again (transformers refuses to ``save_pretrained`` a GGUF-"quantized" model)."""
+    import torch.nn as nn
+    q = getattr(model, "hf_quantizer", None)
+    if q is None:
+        return
+    packed = [n for n, m in model.named_modules()
+              if n.endswith("_proj") and (type(m) is not nn.Linear or not m.weight.dtype.is_floating_point)]
+    if packed:
+        raise ValueError(f"the GGUF weights stayed packed ({len(packed)} modules such as {packed[0]}); SPLA needs "
+                         "plain nn.Linear projections: uninstall the `kernels` package so transformers de-quantizes")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load(name_or_dir: str = "smollm2", config: Optional[Union[SPLAConfig, dict]] = None,
          dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None):
     """Load a causal LM, offline.
@@ -61,6 +78,7 @@ def load(name_or_dir: str = "smollm2", config: Optional[Union[SPLAConfig, dict]]
     try:
         if _is_smollm2(name_or_dir):
             model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
+            _forget_gguf(model)
         else:
             if not os.path.isdir(name_or_dir):
                 raise ValueError(f"spla.load: {name_or_dir!r} is neither a known model name "

@@ -216,3 +216,359 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
         HQ=HQ, H=H, G=G, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, CDT=cdt,
         num_warps=4, num_stages=2)
     return o, om
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward (issue 4)
+#
+# Upstream gradients of the global term: ``dg = dglob [T, HQ, DV]`` and ``dgm = dglob_mass [T, HQ]``, both already
+# multiplied by ``live [T, H]`` (0 where the residual is exactly 0 because nothing is unselected). Then
+#   dphi(q)_t = S_t dg_t + z_t dgm_t            = sum_{i<=t} (dg_t·v_i + dgm_t) phi(k)_i
+#   dphi(k)_i = sum_{t>=i, g} (v_i·dg_t + dgm_t) phi(q)_t = dH_c v_i + dz_c + intra-chunk
+#   dv_i      = sum_{t>=i, g} (phi(q)_t·phi(k)_i) dg_t    = phi(k)_i dH_c + intra-chunk
+# with dH_c = sum_{t after chunk c, g} phi(q)_t^T dg_t and dz_c = sum phi(q)_t dgm_t (a reverse scan).
+# The forward states S_c are recomputed (spla_fwd_kernel_linear_h) and freed before dH is built, so only one
+# ``[NT, H, F, DV]`` fp32 tensor is alive at a time.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def spla_bwd_kernel_feature(
+    x,  # [N, NH, DL]
+    dy,  # [N, NH, F] fp32
+    dx,  # [N, NH, DL]
+    NH: tl.constexpr,
+    DL: tl.constexpr,
+    F: tl.constexpr,
+    BH: tl.constexpr,
+    BDL: tl.constexpr,
+    FMAP: tl.constexpr,
+):
+    """d x of phi(x), recomputing phi in fp32 from x."""
+    i_t = tl.program_id(0).to(tl.int64)
+    o_h = tl.arange(0, BH)
+    o_d = tl.arange(0, BDL)
+    m_x = (o_h[:, None] < NH) & (o_d[None, :] < DL)
+    p_x = (i_t * NH + o_h[:, None]) * DL + o_d[None, :]
+    p_y = (i_t * NH + o_h[:, None]) * F + o_d[None, :]
+    b_x = tl.load(x + p_x, mask=m_x, other=0.).to(tl.float32)
+    b_da = tl.load(dy + p_y, mask=m_x, other=0.).to(tl.float32)
+    if FMAP == 0:
+        b_db = tl.load(dy + p_y + DL, mask=m_x, other=0.).to(tl.float32)
+        m_c = (o_d < DL)[None, :]
+        b_a = tl.where(m_c, b_x, float('-inf'))
+        b_a = tl.exp(b_a - tl.max(b_a, 1)[:, None])
+        b_a = b_a / tl.sum(b_a, 1)[:, None]
+        b_b = tl.where(m_c, -b_x, float('-inf'))
+        b_b = tl.exp(b_b - tl.max(b_b, 1)[:, None])
+        b_b = b_b / tl.sum(b_b, 1)[:, None]
+        # softmax Jacobian; the second half is softmax(-x), hence the minus sign
+        b_dx = b_a * (b_da - tl.sum(b_a * b_da, 1)[:, None]) - b_b * (b_db - tl.sum(b_b * b_db, 1)[:, None])
+    elif FMAP == 1:
+        b_dx = b_da * tl.where(b_x > 0, 1., tl.exp(tl.minimum(b_x, 0.)))
+    else:
+        b_db = tl.load(dy + p_y + DL, mask=m_x, other=0.).to(tl.float32)
+        b_dx = tl.where(b_x > 0, b_da, 0.) - tl.where(b_x < 0, b_db, 0.)
+    tl.store(dx + p_x, b_dx.to(dx.dtype.element_ty), mask=m_x)
+
+
+def feature_map_bwd(x: torch.Tensor, dy: torch.Tensor, name: str) -> torch.Tensor:
+    """Gradient of ``phi(x)`` for `[N, NH, DL]` x and fp32 `[N, NH, F]` dy -> `[N, NH, DL]` in x's dtype."""
+    N, NH, DL = x.shape
+    F = dy.shape[-1]
+    dx = torch.empty_like(x)
+    spla_bwd_kernel_feature[(N,)](x, dy, dx, NH=NH, DL=DL, F=F, BH=triton.next_power_of_2(NH),
+                                  BDL=triton.next_power_of_2(DL), FMAP=FMAP_IDS[name], num_warps=4)
+    return dx
+
+
+@triton.jit(do_not_specialize=['NT'])
+def spla_bwd_kernel_linear_dh(
+    fq,  # [T, HQ, F]
+    dg,  # [T, HQ, DV] gradient of the global term (any float dtype)
+    dgm,  # [T, HQ] fp32 gradient of its mass
+    live,  # [T, H] fp32 1 where the residual is not identically 0
+    dh,  # [NT, H, F, DV] fp32: gradient w.r.t. the state before each chunk, from the chunks after it
+    dz,  # [NT, H, F] fp32
+    seq_bos,  # [N] int64
+    seq_len,  # [N] int64
+    seq_coff,  # [N] int64
+    NT,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    F: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    """Reverse scan over the chunks of one sequence: ``dH_c = sum_{chunks > c} sum_g phi(q)^T dg``."""
+    i_k, i_v, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(seq_bos + i_n).to(tl.int64)
+    L = tl.load(seq_len + i_n).to(tl.int64)
+    coff = tl.load(seq_coff + i_n).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < F, o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_c = tl.arange(0, BC)
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dz = tl.zeros([BK], dtype=tl.float32)
+    NC = tl.cdiv(L, BC)
+    for i_r in range(NC):
+        i_c = NC - 1 - i_r
+        i_g = coff + i_c
+        tl.store(dh + ((i_g * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], b_dh, mask=m_kv)
+        if i_v == 0:
+            tl.store(dz + (i_g * H + i_h) * F + o_k, b_dz, mask=m_k)
+        o_t = i_c * BC + o_c
+        m_t = o_t < L
+        b_live = tl.load(live + (bos + o_t) * H + i_h, mask=m_t, other=0.)
+        for g in range(G):
+            p_r = (bos + o_t) * HQ + i_h * G + g
+            # [BC, BK]
+            b_fq = tl.load(fq + p_r[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_fq = b_fq.to(tl.float32)
+            # [BC, BV]
+            b_dg = tl.load(dg + p_r[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+            b_dg = b_dg.to(tl.float32) * b_live[:, None]
+            b_dh += tl.dot(tl.trans(b_fq.to(CDT)), b_dg.to(CDT), input_precision=DOT_PREC)
+            if i_v == 0:
+                b_dgm = tl.load(dgm + p_r, mask=m_t, other=0.) * b_live
+                b_dz += tl.sum(b_fq * b_dgm[:, None], 0)
+
+
+@triton.jit
+def spla_bwd_kernel_linear_dq(
+    fk,  # [T, H, F]
+    v,  # [T, H, DV]
+    dg,  # [T, HQ, DV]
+    dgm,  # [T, HQ] fp32
+    live,  # [T, H] fp32
+    h,  # [NT, H, F, DV] fp32 forward state before each chunk
+    z,  # [NT, H, F] fp32
+    dfq,  # [T, HQ, F] fp32 out
+    chunk_bos,  # [NT] int64
+    chunk_t0,  # [NT] int64
+    chunk_len,  # [NT] int64
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    F: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    """``dphi(q)_t = S_c dg_t + z_c dgm_t + sum_{i in chunk, i<=t} (dg_t·v_i + dgm_t) phi(k)_i``."""
+    i_hq, i_k, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_h = i_hq // G
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)
+    L = tl.load(chunk_len + i_c).to(tl.int64)
+    o_t = t0 + tl.arange(0, BC)
+    m_t = o_t < L
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < F
+    b_live = tl.load(live + (bos + o_t) * H + i_h, mask=m_t, other=0.)
+    b_dgm = tl.load(dgm + (bos + o_t) * HQ + i_hq, mask=m_t, other=0.) * b_live
+    b_dfq = tl.zeros([BC, BK], dtype=tl.float32)
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_v in range(tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_dg = tl.load(dg + ((bos + o_t[:, None]) * HQ + i_hq) * DV + o_v[None, :], mask=m_tv, other=0.)
+        b_dg = b_dg.to(tl.float32) * b_live[:, None]
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_tv, other=0.).to(CDT)
+        # [BK, BV]
+        b_h = tl.load(h + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :],
+                      mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_dfq += tl.dot(b_dg, tl.trans(b_h), input_precision=DOT_PREC)
+        b_A += tl.dot(b_dg.to(CDT), tl.trans(b_v), input_precision=DOT_PREC)
+    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
+    b_A = tl.where(m_A, b_A + b_dgm[:, None], 0.)
+    b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                   other=0.).to(CDT)
+    b_z = tl.load(z + (i_c * H + i_h) * F + o_k, mask=m_k, other=0.)
+    b_dfq += tl.dot(b_A.to(CDT), b_fk, input_precision=DOT_PREC) + b_dgm[:, None] * b_z[None, :]
+    tl.store(dfq + ((bos + o_t[:, None]) * HQ + i_hq) * F + o_k[None, :], b_dfq, mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.jit
+def spla_bwd_kernel_linear_dk(
+    fq,  # [T, HQ, F]
+    v,  # [T, H, DV]
+    dg,  # [T, HQ, DV]
+    dgm,  # [T, HQ] fp32
+    live,  # [T, H] fp32
+    dh,  # [NT, H, F, DV] fp32
+    dz,  # [NT, H, F] fp32
+    dfk,  # [T, H, F] fp32 out
+    chunk_bos,
+    chunk_t0,
+    chunk_len,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    F: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    """``dphi(k)_i = dH_c v_i + dz_c + sum_g sum_{t in chunk, t>=i} (v_i·dg_t + dgm_t) phi(q)_t``."""
+    i_h, i_k, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)
+    L = tl.load(chunk_len + i_c).to(tl.int64)
+    o_t = t0 + tl.arange(0, BC)
+    m_t = o_t < L
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < F
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_live = tl.load(live + (bos + o_t) * H + i_h, mask=m_t, other=0.)
+    b_dfk = tl.zeros([BC, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                      other=0.).to(tl.float32)
+        b_dh = tl.load(dh + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :],
+                       mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_dfk += tl.dot(b_v, tl.trans(b_dh), input_precision=DOT_PREC)
+    b_dz = tl.load(dz + (i_c * H + i_h) * F + o_k, mask=m_k, other=0.)
+    b_dfk += b_dz[None, :]
+    # rows: keys i, columns: queries t >= i
+    m_A = (o_t[:, None] <= o_t[None, :]) & m_t[None, :] & m_t[:, None]
+    for g in range(G):
+        p_r = (bos + o_t) * HQ + i_h * G + g
+        b_B = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_v in range(tl.cdiv(DV, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v < DV)[None, :]
+            b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_tv, other=0.).to(CDT)
+            b_dg = tl.load(dg + p_r[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+            b_dg = (b_dg * b_live[:, None]).to(CDT)
+            b_B += tl.dot(b_v, tl.trans(b_dg), input_precision=DOT_PREC)
+        b_dgm = tl.load(dgm + p_r, mask=m_t, other=0.) * b_live
+        b_B = tl.where(m_A, b_B + b_dgm[None, :], 0.)
+        b_fq = tl.load(fq + p_r[:, None] * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
+        b_dfk += tl.dot(b_B.to(CDT), b_fq, input_precision=DOT_PREC)
+    tl.store(dfk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], b_dfk, mask=m_tk)
+
+
+@triton.jit
+def spla_bwd_kernel_linear_dv(
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    dg,  # [T, HQ, DV]
+    live,  # [T, H] fp32
+    dh,  # [NT, H, F, DV] fp32
+    dv,  # [T, H, DV] fp32 out
+    chunk_bos,
+    chunk_t0,
+    chunk_len,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    F: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    """``dv_i = phi(k)_i dH_c + sum_g sum_{t in chunk, t>=i} (phi(q)_t·phi(k)_i) dg_t``."""
+    i_h, i_v, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)
+    L = tl.load(chunk_len + i_c).to(tl.int64)
+    o_t = t0 + tl.arange(0, BC)
+    m_t = o_t < L
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_live = tl.load(live + (bos + o_t) * H + i_h, mask=m_t, other=0.)
+    b_dv = tl.zeros([BC, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(F, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                       other=0.).to(tl.float32)
+        b_dh = tl.load(dh + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :],
+                       mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_dv += tl.dot(b_fk, b_dh, input_precision=DOT_PREC)
+    m_A = (o_t[:, None] <= o_t[None, :]) & m_t[None, :] & m_t[:, None]
+    for g in range(G):
+        p_r = (bos + o_t) * HQ + i_h * G + g
+        b_A = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(tl.cdiv(F, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k < F)[None, :]
+            b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
+            b_fq = tl.load(fq + p_r[:, None] * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
+            b_A += tl.dot(b_fk, tl.trans(b_fq), input_precision=DOT_PREC)
+        b_A = tl.where(m_A, b_A, 0.)
+        b_dg = tl.load(dg + p_r[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_dg = (b_dg * b_live[:, None]).to(CDT)
+        b_dv += tl.dot(b_A.to(CDT), b_dg, input_precision=DOT_PREC)
+    tl.store(dv + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], b_dv, mask=m_tv)
+
+
+def global_linear_bwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, dg: torch.Tensor, dgm: torch.Tensor,
+                      live: torch.Tensor, meta: dict, chunk_size: int = 64):
+    """Backward of :func:`global_linear_fwd` with the upstream gradients masked by ``live``.
+
+    Args:
+        fq, fk, v: as in the forward. dg: `[T, HQ, DV]` gradient of the global term (o_rla's gradient).
+        dgm: `[T, HQ]` fp32 gradient of its mass. live: `[T, H]` fp32, 0 where the residual is identically 0.
+    Returns:
+        ``dfq [T, HQ, F]``, ``dfk [T, H, F]``, ``dv [T, H, DV]``, all fp32 (the sparse backward adds into them).
+    """
+    T, HQ, F = fq.shape
+    H, DV = fk.shape[1], v.shape[-1]
+    G = HQ // H
+    NT = meta["chunk_bos"].numel()
+    N = meta["seq_bos"].numel()
+    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
+    cdt = tl.float32 if (fq.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1") else (
+        tl.bfloat16 if fq.dtype == torch.bfloat16 else tl.float16)
+    BK = min(64, triton.next_power_of_2(F))
+    BV = min(64, triton.next_power_of_2(DV))
+    BVH = min(32, BV)
+    common = dict(H=H, F=F, DV=DV, BC=chunk_size, DOT_PREC=prec, CDT=cdt)
+    # the forward states, recomputed; freed before the state gradients are built
+    h = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
+    z = fq.new_empty(NT, H, F, dtype=torch.float32)
+    spla_fwd_kernel_linear_h[(triton.cdiv(F, BK), triton.cdiv(DV, BVH), N * H)](
+        fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT, BK=BK, BV=BVH, **common,
+        num_warps=4, num_stages=2)
+    dfq = fq.new_empty(T, HQ, F, dtype=torch.float32)
+    spla_bwd_kernel_linear_dq[(HQ, triton.cdiv(F, BK), NT)](
+        fk, v, dg, dgm, live, h, z, dfq, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
+        HQ=HQ, G=G, BK=BK, BV=BV, **common, num_warps=4, num_stages=2)
+    del h, z
+    dh = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
+    dz = fq.new_empty(NT, H, F, dtype=torch.float32)
+    spla_bwd_kernel_linear_dh[(triton.cdiv(F, BK), triton.cdiv(DV, BVH), N * H)](
+        fq, dg, dgm, live, dh, dz, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
+        HQ=HQ, G=G, BK=BK, BV=BVH, **common, num_warps=4, num_stages=2)
+    dfk = fq.new_empty(T, H, F, dtype=torch.float32)
+    spla_bwd_kernel_linear_dk[(H, triton.cdiv(F, BK), NT)](
+        fq, v, dg, dgm, live, dh, dz, dfk, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
+        HQ=HQ, G=G, BK=BK, BV=BV, **common, num_warps=4, num_stages=2)
+    dv = fq.new_empty(T, H, DV, dtype=torch.float32)
+    spla_bwd_kernel_linear_dv[(H, triton.cdiv(DV, BV), NT)](
+        fq, fk, dg, live, dh, dv, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
+        HQ=HQ, G=G, BK=BK, BV=BV, **common, num_warps=4, num_stages=2)
+    return dfq, dfk, dv

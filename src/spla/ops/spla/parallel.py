@@ -10,17 +10,27 @@
    block id into an int64 key (order-preserving float bits in the high word, ``2^31-1-j`` in the low word, so
    equal scores prefer the lower block) and merged with ``tl.sort``. No ``[T, T/block]`` matrix is written.
    The forced blocks are merged in and the ids sorted ascending, -1 padded.
-3. :func:`spla_fwd_kernel_sparse` - one program per query token and KV head, the G query heads as the rows
-   of ``tl.dot`` (padded to 16): exact online-softmax attention over the selected blocks and, over the same
-   K/V tiles, the selected linear term ``sum_{i in U} (phi(q)·phi(k_i)) v_i`` and its mass. It also finishes
-   the residual: ``o_rla = glob - selected``, exactly 0 where the selected tokens are all the visible ones
-   (decided by counting them, as ``chunk.finish_residual`` does).
+3. The sparse stage: exact online-softmax attention over the selected blocks and, over the same K/V tiles,
+   the selected linear term ``sum_{i in U} (phi(q)·phi(k_i)) v_i`` and its mass, two layouts:
+   - :func:`spla_fwd_kernel_sparse` ("token") - one program per query token and KV head, the G query heads as
+     the rows of ``tl.dot`` (padded to 16); it finishes the residual itself.
+   - :func:`spla_fwd_kernel_sparse_kv` ("kv") - one program per (KV head, selected block, up to BQ tokens that
+     selected it): the block is loaded once for BQ tokens (their G heads as 64 rows); per-(token, block)
+     partials (log-sum-exp, normalized output) are merged by :func:`spla_fwd_kernel_merge`, and the selected
+     linear terms are subtracted from the global term with fp32 atomics (summation order not fixed).
+   "auto" takes "token" for G >= 8 and "kv" below (measured on H100 and H200, bf16, T = 8k-128k).
+   ``o_rla = glob - selected`` is exactly 0 where the selected tokens are all the visible ones (decided by
+   counting them, as ``chunk.finish_residual`` does).
 4. ``linear.py`` - the feature maps and the chunked causal global linear attention (fp32 state).
 
 ``selection="oracle"``, ``cov="full"`` and block sizes whose query tile would be below 16 rows take the
 indices from :func:`spla.ops.spla.chunk.chunk_spla_select`; every other stage still runs in Triton.
-Gradients: :class:`ParallelSPLAFunction` recomputes the torch backend in its backward (until the backward
-kernels exist), so the op stays differentiable and exact.
+On CUDA, when every block is selected (``T <= topk * block_size``, no ``cu_seqlens``, ``Dv == D``) the op is
+causal attention with a zero residual and runs torch's SDPA (:func:`dense_fwd`).
+Gradients (:func:`parallel_spla_bwd`, see the Backward section below): the sparse branch recomputes p from q, k and
+the saved per-row log-sum-exp; a token-major pass gives dq and dphi(q_lin), a KV-block-major pass (deterministic,
+default) or fp32 atomics in the token pass give dk, dv and dphi(k_lin); the global linear term has its own chunked
+kernels (``linear.py``) that recompute the chunk states.
 """
 
 from __future__ import annotations
@@ -34,9 +44,8 @@ from torch.nn.functional import scaled_dot_product_attention
 import triton
 import triton.language as tl
 
-from spla.ops.spla.chunk import (SparseSelectedFunction, chunk_global_linear_attn, chunk_spla_select,
-                                 finish_residual)
-from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
+from spla.ops.spla.chunk import chunk_spla_select
+from spla.ops.spla.linear import feature_map_bwd, feature_map_fwd, global_linear_bwd, global_linear_fwd
 from spla.ops.spla.utils import SPLAOutput, feature_map
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,13 +53,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LINEAR_CHUNK = 64
 # the sparse stage: "kv" (KV-block-major, each selected block loaded once per group of tokens that chose it,
 # partials merged per token), "token" (one program per token and KV head, gathers its own blocks; its G heads
-# fill the 16 rows of tl.dot from G = 8 on) or "auto" (token for G >= 8, else kv; measured on an H100)
+# fill the 16 rows of tl.dot from G = 8 on) or "auto" (token for G >= 8, else kv; measured on H100 and H200)
 SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
 # where every block is selected (T <= topk * block_size, no cu_seqlens, Dv == D, CUDA) SPLA is causal attention
 # with a zero residual: run torch's SDPA (flash) instead of the sparse kernels
 DENSE_FAST_PATH = True
-# rows (query tokens x padded group heads) of one scoring tile
-TOPK_ROWS = 128
+# rows (query tokens x padded group heads) of one scoring tile (64 beat 128 by 7-10% on an H200 at 64k)
+TOPK_ROWS = 64
 
 
 @triton.jit
@@ -278,6 +287,7 @@ def spla_fwd_kernel_sparse(
     o,  # [T, HQ, DV]
     o_rla,  # [T, HQ, DV]
     rla_mass,  # [T, HQ] fp32
+    lse,  # [T, HQ] fp32 log2-sum-exp2 of the scaled scores (saved for the backward), if STORE_LSE
     scale,
     HQ: tl.constexpr,
     H: tl.constexpr,
@@ -296,6 +306,7 @@ def spla_fwd_kernel_sparse(
     DOT_PREC: tl.constexpr,
     CDT: tl.constexpr,
     LIN: tl.constexpr = True,
+    STORE_LSE: tl.constexpr = False,
 ):
     i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos = tl.load(tok_bos + i_t).to(tl.int64)
@@ -354,6 +365,8 @@ def spla_fwd_kernel_sparse(
     b_o = b_acc / b_li[:, None]
     m_o = m_g[:, None] & m_v[None, :]
     tl.store(o + p_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_o)
+    if STORE_LSE:
+        tl.store(lse + p_row, b_mi + tl.log2(b_li), mask=m_g)
     # residual = global - selected, exactly 0 when every visible token is selected (counted)
     empty = tl.sum(b_cnt, 0) == pos + 1
     b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
@@ -480,6 +493,7 @@ def spla_fwd_kernel_merge(
     o,  # [T, HQ, DV]
     o_rla,  # [T, HQ, DV]
     rla_mass,  # [T, HQ] fp32
+    lse,  # [T, HQ] fp32 log2-sum-exp2 (saved for the backward), if STORE_LSE
     t0,  # first token of this chunk
     e0,  # its first entry id
     HQ: tl.constexpr,
@@ -491,6 +505,7 @@ def spla_fwd_kernel_merge(
     BS: tl.constexpr,
     TOPK: tl.constexpr,
     BTOPK: tl.constexpr,
+    STORE_LSE: tl.constexpr = False,
 ):
     """Merge the per-block partials of one token and KV head; the residual is 0 where nothing is unselected."""
     i_t, i_h = tl.program_id(0).to(tl.int64) + t0, tl.program_id(1).to(tl.int64)
@@ -521,6 +536,8 @@ def spla_fwd_kernel_merge(
         b_m = b_mn
     p_row = i_t * HQ + i_h * G + o_g
     tl.store(o + p_row[:, None] * DV + o_v[None, :], (b_acc / b_den[:, None]).to(o.dtype.element_ty), mask=m_o)
+    if STORE_LSE:
+        tl.store(lse + p_row, b_m + tl.log2(b_den), mask=m_g)
     b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
     b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], tl.where(empty, 0., b_gl).to(o_rla.dtype.element_ty), mask=m_o)
@@ -627,10 +644,12 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
     return indices
 
 
-def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True):
+def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True,
+               lse: Optional[torch.Tensor] = None):
     """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
 
     ``lin=False`` skips the selected linear term (benchmark diagnostics only: o_rla is then wrong).
+    ``lse``: an fp32 `[T, HQ]` buffer that receives the log2-sum-exp2 of the scaled scores (for the backward).
     """
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
@@ -640,11 +659,12 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
     o_rla = q.new_empty(T, HQ, DV)
     rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
     spla_fwd_kernel_sparse[(T, H)](
-        q, k, v, fq, fk, glob, glob_mass, indices, meta["tok_bos"], o, o_rla, rla_mass, scale,
-        HQ=HQ, H=H, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
+        q, k, v, fq, fk, glob, glob_mass, indices, meta["tok_bos"], o, o_rla, rla_mass,
+        rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
         BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
         BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
-        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, num_warps=4, num_stages=2)
+        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
+        num_warps=4, num_stages=2)
     return o, o_rla, rla_mass
 
 
@@ -673,7 +693,7 @@ def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
 
 
 def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
-                  lin: bool = True, rows: int = 64, num_warps: int = 4):
+                  lin: bool = True, rows: int = 64, num_warps: int = 4, lse: Optional[torch.Tensor] = None):
     """KV-block-major sparse stage (each selected block is loaded once per BQ tokens that chose it).
 
     Processes the tokens in chunks so that the per-(token, block) partials stay under ``PARTIAL_BUDGET``.
@@ -713,9 +733,10 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
                 DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, num_warps=num_warps,
                 num_stages=2)
         spla_fwd_kernel_merge[(t1 - t0, H)](
-            p_lse, p_o, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass, t0, e0,
+            p_lse, p_o, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass,
+            rla_mass if lse is None else lse, t0, e0,
             HQ=HQ, H=H, G=G, GP=GP, DV=DV, BDV=triton.next_power_of_2(DV), BS=block_size, TOPK=topk,
-            BTOPK=triton.next_power_of_2(topk), num_warps=4)
+            BTOPK=triton.next_power_of_2(topk), STORE_LSE=lse is not None, num_warps=4)
     return o, o_rla, rla_mass
 
 
@@ -735,14 +756,19 @@ def dense_fwd(q, k, v, *, block_size: int, topk: int, scale: float):
 
 
 def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, local_blocks, selection, cov,
-                      rep_keys, feature_map_name, scale, cu_seqlens):
-    """All forward stages on `[B, T, ...]` inputs; returns (o_sparse, o_rla, rla_mass, indices)."""
+                      rep_keys, feature_map_name, scale, cu_seqlens, save_lse: bool = False):
+    """All forward stages on `[B, T, ...]` inputs; returns (o_sparse, o_rla, rla_mass, indices).
+
+    ``save_lse=True`` appends the fp32 `[B*T, HQ]` log2-sum-exp2 of the sparse branch for the backward (None when
+    the dense fast path ran).
+    """
     B, T, HQ, D = q.shape
     H = k.shape[2]
     G = HQ // H
     dtype = q.dtype
     if DENSE_FAST_PATH and cu_seqlens is None and T <= topk * block_size and v.shape[-1] == D and q.is_cuda:
-        return dense_fwd(q, k, v, block_size=block_size, topk=topk, scale=scale)
+        out = dense_fwd(q, k, v, block_size=block_size, topk=topk, scale=scale)
+        return (*out, None) if save_lse else out
     if cu_seqlens is None:
         cu = tuple(range(0, B * T + 1, T))
     else:
@@ -764,45 +790,370 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
     glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
     path = SPARSE_PATH if SPARSE_PATH != "auto" else ("token" if G >= 8 else "kv")
     sparse = sparse_kv_fwd if path == "kv" else sparse_fwd
-    o, o_rla, rla_mass = sparse(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale)
+    lse = q.new_empty(B * T, HQ, dtype=torch.float32) if save_lse else None
+    o, o_rla, rla_mass = sparse(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale,
+                                lse=lse)
     DV = v.shape[-1]
-    return (o.view(B, T, HQ, DV), o_rla.view(B, T, HQ, DV), rla_mass.view(B, T, HQ),
-            indices.view(B, T, H, topk))
+    out = (o.view(B, T, HQ, DV), o_rla.view(B, T, HQ, DV), rla_mass.view(B, T, HQ), indices.view(B, T, H, topk))
+    return (*out, lse) if save_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward (issue 4)
+#
+# Per row r = (token t, query head h) with the saved log2-sum-exp2 ``lse`` and, per key i of U(t, g):
+#   p = exp2(scale*log2e q·k_i - lse), ds = p (do·v_i - delta), delta = do·o           (exact attention)
+#   w = phi(q)·phi(k_i), dw = a·v_i + b, a = -live*do_rla, b = -live*drla_mass           (selected linear term)
+#   dq = scale sum ds k_i, dphi(q) += sum dw phi(k_i)                                       (token-major pass)
+#   dk_i = scale sum ds q, dv_i = sum p do + w a, dphi(k_i) += sum dw phi(q)               (scatter to the keys)
+# ``live`` (`[T, H]`) is 0 where the residual is identically 0 (all visible tokens selected, counted), so no
+# gradient flows through a term the forward replaced by an exact 0.
+# Two ways to get the key gradients:
+#   - deterministic (default, ``SPLA_DETERMINISTIC=1``): a KV-block-major pass, one program per (KV head, block)
+#     that walks every token that selected the block (inverse index built with a stable torch sort), keeps the
+#     block's dk / dv / dphi(k) in registers and writes them once: fixed summation order, no atomics;
+#   - atomic (``SPLA_DETERMINISTIC=0`` or ``deterministic=False``): the token-major pass also scatters its key
+#     tiles with fp32 ``tl.atomic_add`` (summation order not fixed).
+# ---------------------------------------------------------------------------------------------------------------
+
+DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
+
+
+@triton.jit(do_not_specialize=['scale'])
+def spla_bwd_kernel_sparse(
+    q,  # [T, HQ, D]
+    k,  # [T, H, D]
+    v,  # [T, H, DV]
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    o,  # [T, HQ, DV] forward output of the sparse branch
+    do,  # [T, HQ, DV]
+    do_rla,  # [T, HQ, DV]
+    drla_mass,  # [T, HQ] fp32
+    lse,  # [T, HQ] fp32 log2-sum-exp2
+    live,  # [T, H] fp32
+    indices,  # [T, H, TOPK] int32
+    tok_bos,  # [T] int64
+    dq,  # [T, HQ, D] out (q's dtype)
+    dfq,  # [T, HQ, F] fp32: holds the global term's gradient, the selected term's is added
+    delta,  # [T, HQ] fp32 out: do·o (read by the KV-major pass)
+    dk,  # [T, H, D] fp32, ATOMIC only
+    dv,  # [T, H, DV] fp32, ATOMIC only (holds the global term's gradient)
+    dfk,  # [T, H, F] fp32, ATOMIC only (likewise)
+    scale,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    F: tl.constexpr,
+    BF: tl.constexpr,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    TOPK: tl.constexpr,
+    BTOPK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    """Token-major backward: one program per token and KV head (its G heads as the rows of tl.dot)."""
+    i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bos = tl.load(tok_bos + i_t).to(tl.int64)
+    pos = i_t - bos
+    o_g = tl.arange(0, GP)
+    m_g = o_g < G
+    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
+    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
+    p_row = i_t * HQ + i_h * G + o_g
+    m_gd, m_gv, m_gf = m_g[:, None] & m_d[None, :], m_g[:, None] & m_v[None, :], m_g[:, None] & m_f[None, :]
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_gd, other=0.).to(tl.float32).to(CDT)
+    b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_gf, other=0.).to(tl.float32).to(CDT)
+    b_do = tl.load(do + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32)
+    b_o = tl.load(o + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32)
+    b_delta = tl.sum(b_do * b_o, 1)
+    tl.store(delta + p_row, b_delta, mask=m_g)
+    b_lse = tl.load(lse + p_row, mask=m_g, other=0.)
+    b_live = tl.load(live + i_t * H + i_h)
+    b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32) * b_live
+    b_b = -tl.load(drla_mass + p_row, mask=m_g, other=0.) * b_live
+    b_doc, b_ac = b_do.to(CDT), b_a.to(CDT)
+
+    o_i = tl.arange(0, BTOPK)
+    b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
+    n_sel = tl.sum((b_idx >= 0).to(tl.int32), 0)
+    qk_scale = scale * 1.44269504
+    b_dq = tl.zeros([GP, BD], dtype=tl.float32)
+    b_dfq = tl.zeros([GP, BF], dtype=tl.float32)
+    o_s = tl.arange(0, BK)
+    for i in range(n_sel):
+        j = tl.load(indices + (i_t * H + i_h) * TOPK + i).to(tl.int64)
+        for s0 in range(0, BS, BK):
+            o_p = j * BS + s0 + o_s
+            m_p = ((s0 + o_s) < BS) & (o_p <= pos)
+            m_s = m_g[:, None] & m_p[None, :]
+            p_kv = (bos + o_p) * H + i_h
+            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+            b_k = b_k.to(tl.float32).to(CDT)
+            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
+            b_v = b_v.to(tl.float32).to(CDT)
+            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
+            b_fk = b_fk.to(tl.float32).to(CDT)
+            # [GP, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
+            b_dp = tl.dot(b_doc, tl.trans(b_v), input_precision=DOT_PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(CDT), b_k, input_precision=DOT_PREC)
+            b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
+            b_dw = tl.where(m_s, tl.dot(b_ac, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
+            b_dfq += tl.dot(b_dw.to(CDT), b_fk, input_precision=DOT_PREC)
+            if ATOMIC:
+                b_dkt = tl.dot(tl.trans(b_ds.to(CDT)), b_q, input_precision=DOT_PREC) * scale
+                b_dvt = tl.dot(tl.trans(b_p.to(CDT)), b_doc, input_precision=DOT_PREC)
+                b_dvt += tl.dot(tl.trans(b_w.to(CDT)), b_ac, input_precision=DOT_PREC)
+                b_dfkt = tl.dot(tl.trans(b_dw.to(CDT)), b_fq, input_precision=DOT_PREC)
+                tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dkt, mask=m_p[:, None] & m_d[None, :],
+                              sem='relaxed')
+                tl.atomic_add(dv + p_kv[:, None] * DV + o_v[None, :], b_dvt, mask=m_p[:, None] & m_v[None, :],
+                              sem='relaxed')
+                tl.atomic_add(dfk + p_kv[:, None] * F + o_f[None, :], b_dfkt, mask=m_p[:, None] & m_f[None, :],
+                              sem='relaxed')
+    tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_gd)
+    p_fq = dfq + p_row[:, None] * F + o_f[None, :]
+    tl.store(p_fq, tl.load(p_fq, mask=m_gf, other=0.) + b_dfq, mask=m_gf)
+
+
+@triton.jit(do_not_specialize=['scale', 'NBA'])
+def spla_bwd_kernel_sparse_kv(
+    q,  # [T, HQ, D]
+    k,  # [T, H, D]
+    v,  # [T, H, DV]
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    do,  # [T, HQ, DV]
+    do_rla,  # [T, HQ, DV]
+    drla_mass,  # [T, HQ] fp32
+    lse,  # [T, HQ] fp32
+    delta,  # [T, HQ] fp32
+    live,  # [T, H] fp32
+    work_key,  # [NW] int64 (KV head) * NBA + (global block id), one item per (KV head, block) selected at all
+    work_start,  # [NW] int64 first entry in ``perm``
+    work_end,  # [NW] int64 end of its entries
+    perm,  # [E] int64 entry ids (t * H + h) * TOPK + slot grouped by (KV head, block), ascending tokens
+    all_tok,  # [NBA] int64 first token of every block
+    all_len,  # [NBA] int64 its length
+    dk,  # [T, H, D] fp32 out (zero where no token selected the block)
+    dv,  # [T, H, DV] fp32: the global term's gradient, this block's is added
+    dfk,  # [T, H, F] fp32: likewise
+    scale,
+    NBA,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    F: tl.constexpr,
+    BF: tl.constexpr,
+    BSP: tl.constexpr,
+    BQ: tl.constexpr,
+    TOPK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+    PART: tl.constexpr,
+):
+    """KV-block-major backward: the whole block stays on chip, BQ selecting tokens (x G heads) per step;
+    the block's key gradients are written once (deterministic). Two launches keep the register tiles small:
+    ``PART=0`` the attention (dk, dv += p^T do), ``PART=1`` the selected linear term (dphi(k), dv += w^T a)."""
+    i_w = tl.program_id(0).to(tl.int64)
+    key = tl.load(work_key + i_w).to(tl.int64)
+    i_h, i_b = key // NBA, key % NBA
+    start = tl.load(work_start + i_w).to(tl.int64)
+    end = tl.load(work_end + i_w).to(tl.int64)
+    t_b = tl.load(all_tok + i_b).to(tl.int64)
+    n_b = tl.load(all_len + i_b).to(tl.int64)
+    o_s = tl.arange(0, BSP)
+    m_p = o_s < n_b
+    p_kv = (t_b + o_s) * H + i_h
+    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
+    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
+    m_kd, m_kv, m_kf = m_p[:, None] & m_d[None, :], m_p[:, None] & m_v[None, :], m_p[:, None] & m_f[None, :]
+    b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_kv, other=0.).to(tl.float32).to(CDT)
+    b_dv = tl.zeros([BSP, BDV], dtype=tl.float32)
+    if PART == 0:
+        b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_kd, other=0.).to(tl.float32).to(CDT)
+        b_dk = tl.zeros([BSP, BD], dtype=tl.float32)
+    else:
+        b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_kf, other=0.).to(tl.float32).to(CDT)
+        b_dfk = tl.zeros([BSP, BF], dtype=tl.float32)
+    qk_scale = scale * 1.44269504
+    o_r = tl.arange(0, BQ * GP)
+    n_it = tl.cdiv(end - start, BQ)
+    for it in range(n_it):
+        r_e = start + tl.cast(it, tl.int64) * BQ + o_r // GP
+        r_g = o_r % GP
+        m_e = r_e < end
+        m_r = m_e & (r_g < G)
+        b_e = tl.load(perm + r_e, mask=m_e, other=0).to(tl.int64)
+        b_t = b_e // (H * TOPK)
+        p_row = b_t * HQ + i_h * G + r_g
+        m_rd, m_rv, m_rf = m_r[:, None] & m_d[None, :], m_r[:, None] & m_v[None, :], m_r[:, None] & m_f[None, :]
+        # [BQ*GP, BSP]: causal inside the block
+        m_s = m_r[:, None] & m_p[None, :] & ((t_b + o_s)[None, :] <= b_t[:, None])
+        if PART == 0:
+            b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.).to(tl.float32).to(CDT)
+            b_do = tl.load(do + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32).to(CDT)
+            b_lse = tl.load(lse + p_row, mask=m_r, other=0.)
+            b_delta = tl.load(delta + p_row, mask=m_r, other=0.)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += tl.dot(tl.trans(b_ds.to(CDT)), b_q, input_precision=DOT_PREC)
+            b_dv += tl.dot(tl.trans(b_p.to(CDT)), b_do, input_precision=DOT_PREC)
+        else:
+            b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_rf, other=0.).to(tl.float32).to(CDT)
+            b_live = tl.load(live + b_t * H + i_h, mask=m_r, other=0.)
+            b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
+            b_a = (b_a * b_live[:, None]).to(CDT)
+            b_b = -tl.load(drla_mass + p_row, mask=m_r, other=0.) * b_live
+            b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
+            b_dw = tl.where(m_s, tl.dot(b_a, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
+            b_dv += tl.dot(tl.trans(b_w.to(CDT)), b_a, input_precision=DOT_PREC)
+            b_dfk += tl.dot(tl.trans(b_dw.to(CDT)), b_fq, input_precision=DOT_PREC)
+    p_dv = dv + p_kv[:, None] * DV + o_v[None, :]
+    tl.store(p_dv, tl.load(p_dv, mask=m_kv, other=0.) + b_dv, mask=m_kv)
+    if PART == 0:
+        tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk * scale, mask=m_kd)
+    else:
+        p_dfk = dfk + p_kv[:, None] * F + o_f[None, :]
+        tl.store(p_dfk, tl.load(p_dfk, mask=m_kf, other=0.) + b_dfk, mask=m_kf)
+
+
+def live_rows(indices: torch.Tensor, meta: dict, block_size: int) -> torch.Tensor:
+    """`[T, H]` fp32: 1 where some visible token is unselected (the residual is live), 0 where it is exactly 0."""
+    T = indices.shape[0]
+    pos = torch.arange(T, device=indices.device) - meta["tok_bos"]
+    idx = indices.long()
+    seen = (pos[:, None, None] - idx * block_size + 1).clamp(0, block_size)
+    cnt = torch.where(idx >= 0, seen, 0).sum(-1)
+    return (cnt != (pos + 1)[:, None]).float()
+
+
+def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_mass, *, block_size: int,
+                      scale: float, feature_map_name: str, cu_seqlens=None, deterministic: Optional[bool] = None):
+    """Gradients of q, k, v, q_lin, k_lin (`[B, T, ...]`) from the saved o, lse (`[B*T, HQ]`) and indices.
+
+    Nothing quadratic is allocated: fp32 buffers of the inputs' sizes (dk, dv, dphi(q), dphi(k)), the O(T * topk)
+    inverse index of the deterministic pass and, for the global linear term, one ``[T/64, H, F, DV]`` state.
+    """
+    B, T, HQ, D = q.shape
+    H, DV = k.shape[2], v.shape[-1]
+    G = HQ // H
+    N = B * T
+    det = DETERMINISTIC if deterministic is None else deterministic
+    if cu_seqlens is None:
+        cu = tuple(range(0, N + 1, T))
+    else:
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
+    meta = _prepare_meta(cu, block_size, _topk_tile(block_size, G) or 1, q.device)
+    qf, kf, vf, of = (x.reshape(N, *x.shape[2:]).contiguous() for x in (q, k, v, o))
+    qlf, klf = q_lin.reshape(N, HQ, -1).contiguous(), k_lin.reshape(N, H, -1).contiguous()
+    idx = indices.reshape(N, H, -1).contiguous()
+    topk = idx.shape[-1]
+    do = torch.zeros_like(of) if do is None else do.reshape(N, HQ, DV).contiguous()
+    do_rla = torch.zeros_like(of) if do_rla is None else do_rla.reshape(N, HQ, DV).contiguous()
+    drla_mass = (torch.zeros(N, HQ, dtype=torch.float32, device=q.device) if drla_mass is None
+                 else drla_mass.reshape(N, HQ).float().contiguous())
+    fq = feature_map_fwd(qlf, feature_map_name, q.dtype)
+    fk = feature_map_fwd(klf, feature_map_name, q.dtype)
+    F = fk.shape[-1]
+    live = live_rows(idx, meta, block_size)
+    # the global linear term: fp32 dphi(q), dphi(k), dv that the sparse passes add into
+    dfq, dfk, dv = global_linear_bwd(fq, fk, vf, do_rla, drla_mass, live, meta, LINEAR_CHUNK)
+    dq = torch.empty_like(qf)
+    dk = torch.zeros(N, H, D, dtype=torch.float32, device=q.device)
+    delta = q.new_empty(N, HQ, dtype=torch.float32)
+    common = dict(HQ=HQ, H=H, G=G, D=D, BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV), F=F,
+                  BF=triton.next_power_of_2(F), TOPK=topk, DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype))
+    spla_bwd_kernel_sparse[(N, H)](
+        qf, kf, vf, fq, fk, of, do, do_rla, drla_mass, lse, live, idx, meta["tok_bos"], dq, dfq, delta, dk, dv, dfk,
+        scale, GP=max(16, triton.next_power_of_2(G)), BS=block_size,
+        BK=max(16, min(64, triton.next_power_of_2(block_size))), BTOPK=triton.next_power_of_2(topk),
+        ATOMIC=not det, **common, num_warps=4, num_stages=2)
+    if det:
+        NBA = meta["all_tok"].numel()
+        perm, wkey, wstart, wend = _kv_worklist(idx, meta["tok_aoff"], NBA, 1 << 62)
+        GP = triton.next_power_of_2(G)
+        BQ = max(1, 64 // GP)
+        while BQ * GP < 16:
+            BQ *= 2
+        for part in (0, 1) if wkey.numel() > 0 else ():
+            spla_bwd_kernel_sparse_kv[(wkey.numel(),)](
+                qf, kf, vf, fq, fk, do, do_rla, drla_mass, lse, delta, live, wkey, wstart, wend, perm,
+                meta["all_tok"], meta["all_len"], dk, dv, dfk, scale, NBA, GP=GP,
+                BSP=max(16, triton.next_power_of_2(block_size)), BQ=BQ, PART=part, **common, num_warps=8,
+                num_stages=1)
+        del perm, wkey, wstart, wend
+    del fq, fk, delta, live, do, do_rla, drla_mass
+    dql = feature_map_bwd(qlf, dfq, feature_map_name)
+    del dfq
+    dkl = feature_map_bwd(klf, dfk, feature_map_name)
+    del dfk
+    return (dq.view_as(q), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), dql.view_as(q_lin),
+            dkl.view_as(k_lin))
 
 
 class ParallelSPLAFunction(torch.autograd.Function):
-    """Triton forward; the backward recomputes the torch backend on the Triton indices (until issue 4)."""
+    """Triton forward and backward (:func:`parallel_spla_bwd`).
+
+    The forward saves the inputs, o_sparse, the fp32 log2-sum-exp2 and the indices. Where the forward took the
+    dense fast path (every block selected: causal SDPA, a zero residual) the backward recomputes SDPA with
+    autograd; q_lin / k_lin then get zero gradients, as the residual is identically 0.
+    ``opts["deterministic"]`` (default: ``SPLA_DETERMINISTIC``, on) picks the KV-block-major key-gradient pass.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, q_lin, k_lin, opts):
-        o, o_rla, rla_mass, indices = parallel_spla_fwd(q, k, v, q_lin, k_lin, **opts)
-        ctx.save_for_backward(q, k, v, q_lin, k_lin, indices)
+        fwd_opts = {n: x for n, x in opts.items() if n != "deterministic"}
+        o, o_rla, rla_mass, indices, lse = parallel_spla_fwd(q, k, v, q_lin, k_lin, save_lse=True, **fwd_opts)
+        ctx.dense = lse is None
+        ctx.save_for_backward(q, k, v, q_lin, k_lin, indices, o, lse)
         ctx.opts = opts
         ctx.mark_non_differentiable(indices)
         return o, o_rla, rla_mass, indices
 
     @staticmethod
     def backward(ctx, do, do_rla, drla_mass, dindices):
-        q, k, v, q_lin, k_lin, indices = ctx.saved_tensors
+        q, k, v, q_lin, k_lin, indices, o, lse = ctx.saved_tensors
         opts = ctx.opts
-        bs, fmap, cu = opts["block_size"], opts["feature_map_name"], opts["cu_seqlens"]
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v, q_lin, k_lin)]
-            lq, lk, lv, lql, lkl = leaves
-            o, sel_lin, sel_mass = SparseSelectedFunction.apply(lq, lk, lv, lql, lkl, indices, bs, opts["scale"],
-                                                                fmap, cu)
-            glob, glob_mass = chunk_global_linear_attn(feature_map(lql, fmap), feature_map(lkl, fmap), lv, cu)
-            out = finish_residual(lq, o, glob, glob_mass, sel_lin, sel_mass, indices, bs, cu)
-            pairs = [(y, g) for y, g in zip(out[:3], (do, do_rla, drla_mass)) if g is not None]
-            grads = torch.autograd.grad([y for y, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g.to(x.dtype) for g, x in zip(grads, (q, k, v, q_lin, k_lin))]
+        if ctx.dense:
+            if do is None:
+                grads = [torch.zeros_like(x) for x in (q, k, v)]
+            else:
+                with torch.enable_grad():
+                    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                    lq, lk, lv = (x.transpose(1, 2) for x in leaves)
+                    out = scaled_dot_product_attention(lq, lk, lv, is_causal=True, scale=opts["scale"],
+                                                       enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+                    grads = list(torch.autograd.grad(out, leaves, do))
+            return (*grads, torch.zeros_like(q_lin), torch.zeros_like(k_lin), None)
+        grads = parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_mass,
+                                  block_size=opts["block_size"], scale=opts["scale"],
+                                  feature_map_name=opts["feature_map_name"], cu_seqlens=opts["cu_seqlens"],
+                                  deterministic=opts.get("deterministic"))
         return (*grads, None)
 
 
 def parallel_spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: torch.Tensor, k_lin: torch.Tensor,
                        *, block_size: int, topk: int, sink_blocks: int, local_blocks: int, selection: str, cov: str,
                        rep_keys: int, feature_map_name: str, scale: float,
-                       cu_seqlens: Optional[torch.Tensor] = None) -> SPLAOutput:
+                       cu_seqlens: Optional[torch.Tensor] = None, deterministic: Optional[bool] = None) -> SPLAOutput:
     """The Triton backend of :func:`spla.spla_attn` (arguments already validated and defaulted).
 
     Raises:
@@ -814,6 +1165,6 @@ def parallel_spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin:
                              f"use backend='torch' or 'naive' for fp64")
     opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
                 selection=selection, cov=cov, rep_keys=rep_keys, feature_map_name=feature_map_name, scale=scale,
-                cu_seqlens=cu_seqlens)
+                cu_seqlens=cu_seqlens, deterministic=deterministic)
     o, o_rla, rla_mass, indices = ParallelSPLAFunction.apply(q, k, v, q_lin, k_lin, opts)
     return SPLAOutput(o, o_rla, rla_mass, indices)

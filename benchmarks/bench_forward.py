@@ -1,0 +1,189 @@
+# -*- coding: utf-8 -*-
+"""Forward benchmark of SPLA's Triton backend beside torch SDPA (flash) and fla's ``parallel_nsa``.
+
+    python benchmarks/bench_forward.py [--T 4096 8192 ...] [--heads 32,8 64,4] [--out DIR]
+
+B=1, bf16, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key, softmax2), random data,
+``triton.testing.do_bench`` medians. Per stage: block statistics, selection (scoring + top-k), global linear
+attention (feature maps + chunked state), sparse attention with the fused selected-linear term and residual.
+FLOPs are counted from the actual selection (keys visited, candidates scored); the floor is
+``max(FLOPs / matmul rate, minimal bytes / copy bandwidth)`` with both ceilings measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from spla import spla_attn
+from spla.ops.spla.chunk import selected_token_count
+from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
+from spla.ops.spla.parallel import (LINEAR_CHUNK, _prepare_meta, _topk_tile, block_stats_fwd, dense_fwd,
+                                    select_fwd, sparse_fwd, sparse_kv_fwd)
+
+BS, TOPK, SINK, LOCAL, R = 64, 16, 1, 2, 1
+
+
+def bench(fn, rep=100):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def ceilings():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    flops = 2 * 8192 ** 3 / ms / 1e9  # TFLOP/s
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    bw = 2 * x.numel() * 2 / ms / 1e9  # TB/s (read + write)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return flops, bw
+
+
+def count(T, HQ, H, D, Dv, Fd, indices):
+    """FLOPs of each stage from the selection actually made, and the minimal bytes of the whole op."""
+    G = HQ // H
+    keys = selected_token_count(indices, BS, None).sum().item() * G  # (token, query head, key) triples
+    sparse_attn = keys * (2 * D + 2 * Dv)
+    sparse_lin = keys * (2 * Fd + 2 * Dv)
+    t = torch.arange(T, device="cuda")
+    c = t // BS
+    n_forced = torch.clamp(c + 1, max=SINK) + (c - torch.clamp(c - LOCAL + 1, min=SINK) + 1).clamp(min=0)
+    n_cand = (c - LOCAL + 1 - SINK).clamp(min=0)
+    scored = torch.where(n_cand > TOPK - n_forced, n_cand, 0).sum().item() * HQ
+    passes = 2 if G > 1 else 1
+    select = scored * 2 * D * (2 + R) * passes
+    glob = T * HQ * (2 * Fd * Dv + 2 * LINEAR_CHUNK * (Fd + Dv)) + T * H * 2 * Fd * Dv
+    bytes_min = 2 * (T * HQ * D + T * H * (D + Dv) + 2 * T * HQ * Dv) + 4 * T * HQ + 4 * T * H * TOPK
+    return dict(sparse_attn=sparse_attn, sparse_lin=sparse_lin, select=select, glob=glob, bytes=bytes_min)
+
+
+def run_one(T, HQ, H, D, peak, bw, rows):
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    q = torch.randn(1, T, HQ, D, device="cuda", dtype=dt)
+    k = torch.randn(1, T, H, D, device="cuda", dtype=dt)
+    v = torch.randn(1, T, H, D, device="cuda", dtype=dt)
+    G = HQ // H
+    scale = D ** -0.5
+    rec = dict(T=T, HQ=HQ, H=H, D=D)
+    opts = dict(block_size=BS, topk=TOPK, sink_blocks=SINK, local_blocks=LOCAL, rep_keys=R)
+    with torch.no_grad():
+        total = bench(lambda: spla_attn(q, k, v, backend="triton", **opts))
+        # the stages alone
+        qf, kf, vf = q[0], k[0], v[0]
+        tile = _topk_tile(BS, G)
+        meta = _prepare_meta((0, T), BS, tile, q.device)
+        stats = block_stats_fwd(kf, meta, BS, R, True)
+        sel = dict(H=H, block_size=BS, tile=tile, topk=TOPK, sink_blocks=SINK, local_blocks=LOCAL,
+                   selection="taylor2", rep_keys=R, scale=scale)
+        idx = select_fwd(qf, stats, meta, **sel)
+        fq = feature_map_fwd(qf, "softmax2", dt)
+        fk = feature_map_fwd(kf, "softmax2", dt)
+        glob, gm = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
+        rec["stats_ms"] = bench(lambda: block_stats_fwd(kf, meta, BS, R, True))
+        rec["select_ms"] = bench(lambda: select_fwd(qf, stats, meta, **sel))
+        rec["linear_ms"] = bench(lambda: global_linear_fwd(feature_map_fwd(qf, "softmax2", dt),
+                                                           feature_map_fwd(kf, "softmax2", dt), vf, meta, LINEAR_CHUNK))
+        rec["select_nomerge_ms"] = bench(lambda: select_fwd(qf, stats, meta, merge=False, **sel))
+        tile64 = _topk_tile(BS, G, rows=64)
+        meta64 = _prepare_meta((0, T), BS, tile64, q.device)
+        rec["select_r64_ms"] = bench(lambda: select_fwd(qf, stats, meta64, **dict(sel, tile=tile64)))
+        sp = dict(block_size=BS, scale=scale)
+        path = "token" if G >= 8 else "kv"
+        main_fn, alt_fn = (sparse_fwd, sparse_kv_fwd) if path == "token" else (sparse_kv_fwd, sparse_fwd)
+        rec["sparse_path"] = path
+        rec["sparse_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp))
+        rec["sparse_attn_only_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, lin=False, **sp))
+        rec["sparse_alt_ms"] = bench(lambda: alt_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp), rep=50)
+        if T <= TOPK * BS:
+            rec["dense_kernels_ms"] = bench(lambda: dense_fwd(q, k, v, block_size=BS, topk=TOPK, scale=scale))
+        rec["total_ms"] = total
+        cnt = count(T, HQ, H, D, D, fk.shape[-1], idx.view(1, T, H, TOPK))
+        del fq, fk, glob, gm, stats
+        flops = cnt["sparse_attn"] + cnt["sparse_lin"] + cnt["select"] + cnt["glob"]
+        rec["tflop"] = flops / 1e12
+        rec["tflops"] = flops / total / 1e9
+        floor = max(flops / (peak * 1e9), cnt["bytes"] / (bw * 1e9))
+        rec["floor_ms"] = floor
+        rec["floor_frac"] = floor / total
+        # SDPA causal, flash backend (K/V expanded to the query heads outside the timing)
+        qt = q.transpose(1, 2).contiguous()
+        kt = k.repeat_interleave(G, 2).transpose(1, 2).contiguous()
+        vt = v.repeat_interleave(G, 2).transpose(1, 2).contiguous()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            rec["sdpa_ms"] = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+        rec["sdpa_tflops"] = 4 * T * T / 2 * D * HQ / rec["sdpa_ms"] / 1e9
+        del kt, vt
+        rec["speedup_sdpa"] = rec["sdpa_ms"] / total
+        rec["nsa_ms"] = float("nan")
+        if G >= 16 and G & (G - 1) == 0:
+            try:
+                from fla.ops.nsa import parallel_nsa
+                g_cmp = torch.rand(1, T, HQ, device="cuda", dtype=dt)
+                g_slc = torch.rand(1, T, HQ, device="cuda", dtype=dt)
+                rec["nsa_ms"] = bench(lambda: parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=TOPK,
+                                                           block_size=BS, scale=scale))
+            except Exception:
+                traceback.print_exc()
+        rec["speedup_nsa"] = rec["nsa_ms"] / total
+    rows.append(rec)
+    print(" ".join(f"{n}={x:.4g}" if isinstance(x, float) else f"{n}={x}" for n, x in rec.items()), flush=True)
+    torch.cuda.empty_cache()
+
+
+COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
+        "speedup_sdpa", "speedup_nsa", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms", "select_r64_ms",
+        "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "dense_kernels_ms"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--heads", type=str, nargs="+", default=["32,8", "64,4"])
+    ap.add_argument("--out", type=str, default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    peak, bw = ceilings()
+    name = torch.cuda.get_device_name()
+    print(f"# {name}: bf16 matmul {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s; torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
+    rows = []
+    for hs in args.heads:
+        HQ, H = map(int, hs.split(","))
+        for T in args.T:
+            try:
+                run_one(T, HQ, H, 128, peak, bw, rows)
+            except Exception:
+                traceback.print_exc()
+                torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_forward.csv"), "w", newline="") as f:
+        names = []
+        for r in rows:
+            names += [c for c in r if c not in names]
+        w = csv.DictWriter(f, fieldnames=names or COLS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"GPU: {name} (bf16 matmul {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s measured in this run)", "",
+             "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                       for c in COLS) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "bench_forward.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one go: the GPU tests, then the benchmarks, logs under $OUT (or ./out).
+#   bash benchmarks/run_gpu_suite.sh [tests|decode|backward|forward|all]...   (default: all)
+# fla (for the NSA baseline) is taken from ./.whl when present (see docs/benchmarks.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+python3 - <<'PY'
+import torch; print("#", torch.cuda.get_device_name(), "torch", torch.__version__)
+PY
+what=${*:-all}
+for w in $what; do
+  case $w in
+    tests|all) python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;&
+    decode|all) python3 benchmarks/bench_decode.py 2>&1 | tee "$OUT/bench_decode.log" ;;&
+    backward|all) [ -f benchmarks/bench_backward.py ] && python3 benchmarks/bench_backward.py 2>&1 | tee "$OUT/bench_backward.log" ;;&
+    forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
+  esac
+done
