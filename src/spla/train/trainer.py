@@ -24,11 +24,10 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -140,7 +139,6 @@ def _load_model(cfg: TrainConfig, source: str, fresh: bool, log) -> nn.Module:
     else:
         model = load(source, dtype=torch.float32)
         log(f"model: {type(model).__name__} loaded from {source}")
-    _forget_gguf_quantizer(model)
     current = spla_config_of(model)
     if current is None:
         new = SPLAConfig.from_dict(dict(cfg.spla))
@@ -152,22 +150,6 @@ def _load_model(cfg: TrainConfig, source: str, fresh: bool, log) -> nn.Module:
             convert(model, new)
             log(f"SPLA options changed to {new.to_dict()}")
     return model
-
-
-def _forget_gguf_quantizer(model: nn.Module) -> None:
-    """A model read from a GGUF file (the embedded SmolLM2) holds de-quantized fp32 weights, but transformers keeps
-    its GGUF quantizer attached, which makes ``save_pretrained`` refuse to write checkpoints. Drop it."""
-    q = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
-    if q is not None and str(getattr(method, "value", method)).lower() == "gguf":
-        model.hf_quantizer = None
-        if getattr(model, "is_quantized", False):
-            try:
-                model.is_quantized = False
-            except AttributeError:  # a read-only property in some versions
-                pass
-        if hasattr(model.config, "quantization_config"):
-            delattr(model.config, "quantization_config")
 
 
 def ignore_packing_masks(model: nn.Module) -> List[Any]:
@@ -507,7 +489,10 @@ def train(cfg: TrainConfig, log=None) -> Dict[str, Any]:
                 ctx = ddp.no_sync() if (dist.world > 1 and not sync) else _nullcontext()
                 with ctx:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = ddp(input_ids=ids, position_ids=pos, use_cache=False).logits
+                        # an all-ones mask: no padding, and transformers then builds no [T, T] mask for the
+                        # packed row (the layers take the document boundaries from the position ids)
+                        logits = ddp(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
+                                     use_cache=False).logits
                     ls = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
                                          ignore_index=IGNORE_INDEX, reduction="sum")
                     scaler.scale(ls * (dist.world / max(1, n_targets))).backward()

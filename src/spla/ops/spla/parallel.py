@@ -660,8 +660,8 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
     rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
     spla_fwd_kernel_sparse[(T, H)](
         q, k, v, fq, fk, glob, glob_mass, indices, meta["tok_bos"], o, o_rla, rla_mass,
-        rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
-        BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
+        rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
+        BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
         BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
         DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
         num_warps=4, num_stages=2)
@@ -811,12 +811,16 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
 # Two ways to get the key gradients:
 #   - deterministic (default, ``SPLA_DETERMINISTIC=1``): a KV-block-major pass, one program per (KV head, block)
 #     that walks every token that selected the block (inverse index built with a stable torch sort), keeps the
-#     block's dk / dv / dphi(k) in registers and writes them once: fixed summation order, no atomics;
+#     block's dk / dv / dphi(k) in registers and writes them once: fixed summation order, no atomics. Blocks
+#     selected by more than ``KV_CAP`` (token, slot) entries (the sinks: every token) are split into chunks
+#     whose fp32 partials ``spla_bwd_kernel_kv_reduce`` sums in chunk order, so no program walks all T tokens;
 #   - atomic (``SPLA_DETERMINISTIC=0`` or ``deterministic=False``): the token-major pass also scatters its key
 #     tiles with fp32 ``tl.atomic_add`` (summation order not fixed).
 # ---------------------------------------------------------------------------------------------------------------
 
 DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
+# most (token, slot) entries one work item of the KV-block-major backward walks; busier blocks are split
+KV_CAP = 4096
 
 
 @triton.jit(do_not_specialize=['scale'])
@@ -948,6 +952,9 @@ def spla_bwd_kernel_sparse_kv(
     dk,  # [T, H, D] fp32 out (zero where no token selected the block)
     dv,  # [T, H, DV] fp32: the global term's gradient, this block's is added
     dfk,  # [T, H, F] fp32: likewise
+    work_slot,  # [NW] int64 -1: write into dk / dv / dfk; else the partial slot of a (KV head, block) split in chunks
+    part_a,  # [NP, BSP, PA] fp32 partial dk (PART 0) or dphi(k) (PART 1) of split blocks
+    part_v,  # [NP, BSP, DV] fp32 partial dv
     scale,
     NBA,
     HQ: tl.constexpr,
@@ -966,6 +973,7 @@ def spla_bwd_kernel_sparse_kv(
     DOT_PREC: tl.constexpr,
     CDT: tl.constexpr,
     PART: tl.constexpr,
+    PA: tl.constexpr,
 ):
     """KV-block-major backward: the whole block stays on chip, BQ selecting tokens (x G heads) per step;
     the block's key gradients are written once (deterministic). Two launches keep the register tiles small:
@@ -1026,13 +1034,68 @@ def spla_bwd_kernel_sparse_kv(
             b_dw = tl.where(m_s, tl.dot(b_a, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
             b_dv += tl.dot(tl.trans(b_w.to(CDT)), b_a, input_precision=DOT_PREC)
             b_dfk += tl.dot(tl.trans(b_dw.to(CDT)), b_fq, input_precision=DOT_PREC)
-    p_dv = dv + p_kv[:, None] * DV + o_v[None, :]
-    tl.store(p_dv, tl.load(p_dv, mask=m_kv, other=0.) + b_dv, mask=m_kv)
-    if PART == 0:
-        tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk * scale, mask=m_kd)
+    slot = tl.load(work_slot + i_w).to(tl.int64)
+    if slot < 0:
+        # the only work item of its block: write the block's gradients
+        p_dv = dv + p_kv[:, None] * DV + o_v[None, :]
+        tl.store(p_dv, tl.load(p_dv, mask=m_kv, other=0.) + b_dv, mask=m_kv)
+        if PART == 0:
+            tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk * scale, mask=m_kd)
+        else:
+            p_dfk = dfk + p_kv[:, None] * F + o_f[None, :]
+            tl.store(p_dfk, tl.load(p_dfk, mask=m_kf, other=0.) + b_dfk, mask=m_kf)
     else:
-        p_dfk = dfk + p_kv[:, None] * F + o_f[None, :]
-        tl.store(p_dfk, tl.load(p_dfk, mask=m_kf, other=0.) + b_dfk, mask=m_kf)
+        # one chunk of a heavily selected block: a partial, summed in order by spla_bwd_kernel_kv_reduce
+        p_row = slot * BSP + o_s
+        tl.store(part_v + p_row[:, None] * DV + o_v[None, :], b_dv, mask=m_kv)
+        if PART == 0:
+            tl.store(part_a + p_row[:, None] * PA + o_d[None, :], b_dk * scale, mask=m_kd)
+        else:
+            tl.store(part_a + p_row[:, None] * PA + o_f[None, :], b_dfk, mask=m_kf)
+
+
+@triton.jit(do_not_specialize=['NBA'])
+def spla_bwd_kernel_kv_reduce(
+    part_a,  # [NP, BSP, PA] fp32
+    part_v,  # [NP, BSP, DV] fp32
+    dst_a,  # [T, H, DA] fp32 dk or dphi(k)
+    dst_v,  # [T, H, DV] fp32 dv
+    red_key,  # [NR] int64 (KV head) * NBA + block of every split block
+    red_first,  # [NR] int64 its first partial slot
+    red_n,  # [NR] int64 its number of partials
+    all_tok,  # [NBA] int64
+    all_len,  # [NBA] int64
+    NBA,
+    H: tl.constexpr,
+    DA: tl.constexpr,
+    BDA: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    BSP: tl.constexpr,
+    PA: tl.constexpr,
+):
+    """Sum the partials of one split block in slot order (deterministic) and add them to its rows."""
+    i_r = tl.program_id(0).to(tl.int64)
+    key = tl.load(red_key + i_r).to(tl.int64)
+    i_h, i_b = key // NBA, key % NBA
+    first = tl.load(red_first + i_r).to(tl.int64)
+    n = tl.load(red_n + i_r).to(tl.int64)
+    t_b = tl.load(all_tok + i_b).to(tl.int64)
+    n_b = tl.load(all_len + i_b).to(tl.int64)
+    o_s, o_a, o_v = tl.arange(0, BSP), tl.arange(0, BDA), tl.arange(0, BDV)
+    m_p = o_s < n_b
+    m_a, m_v = m_p[:, None] & (o_a < DA)[None, :], m_p[:, None] & (o_v < DV)[None, :]
+    b_a = tl.zeros([BSP, BDA], dtype=tl.float32)
+    b_v = tl.zeros([BSP, BDV], dtype=tl.float32)
+    for j in range(n):
+        p_row = (first + tl.cast(j, tl.int64)) * BSP + o_s
+        b_a += tl.load(part_a + p_row[:, None] * PA + o_a[None, :], mask=m_a, other=0.)
+        b_v += tl.load(part_v + p_row[:, None] * DV + o_v[None, :], mask=m_v, other=0.)
+    p_kv = (t_b + o_s) * H + i_h
+    p_a = dst_a + p_kv[:, None] * DA + o_a[None, :]
+    tl.store(p_a, tl.load(p_a, mask=m_a, other=0.) + b_a, mask=m_a)
+    p_v = dst_v + p_kv[:, None] * DV + o_v[None, :]
+    tl.store(p_v, tl.load(p_v, mask=m_v, other=0.) + b_v, mask=m_v)
 
 
 def live_rows(indices: torch.Tensor, meta: dict, block_size: int) -> torch.Tensor:
@@ -1088,18 +1151,38 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
         ATOMIC=not det, **common, num_warps=4, num_stages=2)
     if det:
         NBA = meta["all_tok"].numel()
-        perm, wkey, wstart, wend = _kv_worklist(idx, meta["tok_aoff"], NBA, 1 << 62)
+        # work items of at most KV_CAP (token, slot) entries: a block every token selects (the sinks) is split
+        # into chunks whose partials are summed in order, so no program walks all T tokens alone
+        perm, wkey, wstart, wend = _kv_worklist(idx, meta["tok_aoff"], NBA, KV_CAP)
+        wend = torch.minimum(wend, wstart + KV_CAP)  # _kv_worklist gives the end of the block's entries
+        nitem = torch.bincount(wkey, minlength=H * NBA)
+        split = nitem[wkey] > 1
+        wslot = torch.where(split, torch.cumsum(split, 0) - 1, -1)
+        NP = int(split.sum())
+        BSP = max(16, triton.next_power_of_2(block_size))
+        PA = max(D, F)
+        part_a = q.new_empty(max(NP, 1), BSP, PA, dtype=torch.float32)
+        part_v = q.new_empty(max(NP, 1), BSP, DV, dtype=torch.float32)
+        red_key = torch.nonzero(nitem > 1).flatten()
+        red_n = nitem[red_key]
+        red_first = torch.cumsum(red_n, 0) - red_n
         GP = triton.next_power_of_2(G)
-        BQ = max(1, 64 // GP)
+        # rows (tokens x group heads) per step; fp32 tiles are twice the bytes: halve them to stay in shared memory
+        BQ = max(1, (32 if q.dtype == torch.float32 else 64) // GP)
         while BQ * GP < 16:
             BQ *= 2
         for part in (0, 1) if wkey.numel() > 0 else ():
             spla_bwd_kernel_sparse_kv[(wkey.numel(),)](
                 qf, kf, vf, fq, fk, do, do_rla, drla_mass, lse, delta, live, wkey, wstart, wend, perm,
-                meta["all_tok"], meta["all_len"], dk, dv, dfk, scale, NBA, GP=GP,
-                BSP=max(16, triton.next_power_of_2(block_size)), BQ=BQ, PART=part, **common, num_warps=8,
-                num_stages=1)
-        del perm, wkey, wstart, wend
+                meta["all_tok"], meta["all_len"], dk, dv, dfk, wslot, part_a, part_v, scale, NBA, GP=GP,
+                BSP=BSP, BQ=BQ, PART=part, PA=PA, **common, num_warps=8, num_stages=1)
+            if red_key.numel() > 0:
+                DA = D if part == 0 else F
+                spla_bwd_kernel_kv_reduce[(red_key.numel(),)](
+                    part_a, part_v, dk if part == 0 else dfk, dv, red_key, red_first, red_n, meta["all_tok"],
+                    meta["all_len"], NBA, H=H, DA=DA, BDA=triton.next_power_of_2(DA), DV=DV,
+                    BDV=triton.next_power_of_2(DV), BSP=BSP, PA=PA, num_warps=8)
+        del perm, wkey, wstart, wend, wslot, part_a, part_v
     del fq, fk, delta, live, do, do_rla, drla_mass
     dql = feature_map_bwd(qlf, dfq, feature_map_name)
     del dfq
