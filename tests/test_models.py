@@ -207,3 +207,17 @@ def test_smollm2_conversion_and_generation(tmp_path):
     model.save_pretrained(tmp_path)  # the de-quantized GGUF model saves like any other
     with torch.no_grad():
         assert torch.equal(spla.load(str(tmp_path))(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_documents_without_cache(attn):
+    """Packed documents (position ids restarting at 0) never see each other, whatever mask HF builds for them."""
+    model = converted(tiny_model("llama", attn=attn), block_size=8, topk=3, local_blocks=1)
+    randomize_merge(model, 0.3)
+    docs = [ids(B=1, T=n, seed=n) for n in (23, 40, 17)]
+    x = torch.cat(docs, 1)
+    pos = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(x, position_ids=pos, use_cache=False).logits
+        alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
+    assert rel_err(packed, alone) < 1e-5

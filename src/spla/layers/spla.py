@@ -314,11 +314,12 @@ class SPLAAttention(nn.Module):
             kk, v_all = kk.transpose(1, 2), vv.transpose(1, 2)
             k_all, k_lin_all = kk[..., :D], kk[..., D:]
         Tk = k_all.shape[1]
-        valid = key_padding(attention_mask, B, Tk)
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")
             if cu_seqlens is None and Tk == T:
                 cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+        # a packed batch's documents come from cu_seqlens: its block-diagonal 4-D mask is not key padding
+        valid = key_padding(attention_mask, B, Tk) if cu_seqlens is None else None
         if cu_seqlens is not None and (B != 1 or Tk != T):
             raise ValueError("cu_seqlens needs a packed batch (B == 1) without a KV cache")
         o_sparse, o_rla, mass = self.attend(q_rope, k_all, v_all, q, k_lin_all, valid, cu_seqlens)
