@@ -221,3 +221,19 @@ def test_packed_documents_without_cache(attn):
         packed = model(x, position_ids=pos, use_cache=False).logits
         alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
     assert rel_err(packed, alone) < 1e-5
+
+
+def test_generate_uses_the_spla_cache():
+    """Converted models decode with SPLACache by default: per-layer SPLA states, not a dense KV cache."""
+    from spla.models.cache import SPLACache
+    model = converted(tiny_model("llama"), block_size=8, topk=3, local_blocks=1)
+    prompt = ids(B=1, T=30, seed=8)
+    out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, SPLACache)
+    assert [int(layer.state.lengths[0]) for layer in cache.layers] == [35] * 2  # 30 prompt + 5 fed back
+    assert cache.get_seq_length() == 35
+    dense = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                           use_cache=False)
+    assert torch.equal(out.sequences, dense)

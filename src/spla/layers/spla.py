@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from spla.ops import spla_attn
 from spla.ops.spla.chunk import chunk_global_linear_attn, chunk_spla_select
+from spla.ops.spla.decode import SPLADecodeState
 from spla.ops.spla.utils import (BACKENDS, COVS, FEATURE_MAPS, SELECTIONS, BlockStats, block_log_scores, block_stats,
                                  candidate_range, compute_dtype, feature_map, forced_blocks, group_scores,
                                  topk_stable)
@@ -309,6 +310,9 @@ class SPLAAttention(nn.Module):
         cos, sin = position_embeddings
         q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, k_lin_all, v_all = k_rope, k, v
+        if cache is not None and hasattr(cache, "layer_state"):  # an SPLA decode cache (spla.models.SPLACache)
+            o = self._cached_attend(cache, q_rope, k_rope, v, q, k, attention_mask)
+            return self.o_proj(o.to(hidden_states.dtype).reshape(B, T, -1)), None
         if cache is not None:
             kk, vv = cache.update(torch.cat([k_rope, k], -1).transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             kk, v_all = kk.transpose(1, 2), vv.transpose(1, 2)
@@ -325,6 +329,27 @@ class SPLAAttention(nn.Module):
         o_sparse, o_rla, mass = self.attend(q_rope, k_all, v_all, q, k_lin_all, valid, cu_seqlens)
         o = self.merge(o_sparse, o_rla, mass).to(hidden_states.dtype)
         return self.o_proj(o.reshape(B, T, -1)), None
+
+    def _cached_attend(self, cache: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: torch.Tensor,
+                       k_lin: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """SPEC §7 decoding: the first call prefills this layer's decode state in bulk, later calls append tokens
+        and read only the block statistics, the selected blocks and the linear state."""
+        B, T, HQ, D = q.shape
+        c = self.spla_config
+        opts = c.op_kwargs()
+        backend = opts.pop("backend")
+        fmap = opts.pop("feature_map")
+        state = cache.layer_state(self.layer_idx, lambda: SPLADecodeState(
+            B, self.num_kv_heads, D, v.shape[-1], k_lin.shape[-1], feature_map=fmap, scale=self.scaling,
+            dtype=q.dtype, device=q.device, backend="torch" if backend in ("torch", "naive") else None, **opts),
+            n_new=T)
+        if int(state.lengths.max()) == 0:
+            past = cache.get_seq_length(self.layer_idx) - T
+            valid = key_padding(attention_mask, B, past + T)
+            out = state.prefill(q, k, v, q_lin, k_lin, key_valid=None if valid is None else valid[:, past:])
+        else:
+            out = state.step(q, k, v, q_lin, k_lin)
+        return self.merge(out.o_sparse, out.o_rla, out.rla_mass)
 
     def merge(self, o_sparse: torch.Tensor, o_rla: torch.Tensor, rla_mass: torch.Tensor) -> torch.Tensor:
         """Per-head merge of SPEC §6 (fp32)."""

@@ -26,6 +26,7 @@ class SPLACacheLayer(CacheLayerMixin):
     def __init__(self, **kwargs):
         super().__init__()
         self.state: Optional[SPLADecodeState] = None
+        self.seen = 0  # positions the model has fed through this layer (padding included)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -43,7 +44,7 @@ class SPLACacheLayer(CacheLayerMixin):
                          "attention's cache.update; use a DynamicCache for unconverted layers")
 
     def get_seq_length(self) -> int:
-        return 0 if self.state is None else int(self.state.lengths.max())
+        return self.seen
 
     def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -53,6 +54,7 @@ class SPLACacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state = None
+        self.seen = 0
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -69,11 +71,12 @@ class SPLACache(Cache):
         layers: List[SPLACacheLayer] = [SPLACacheLayer() for _ in range(num_layers or 0)]
         super().__init__(layers=layers)
 
-    def layer_state(self, layer_idx: int, create: Callable[[], SPLADecodeState]) -> SPLADecodeState:
-        """The decode state of ``layer_idx``, created by ``create()`` on first use."""
+    def layer_state(self, layer_idx: int, create: Callable[[], SPLADecodeState], n_new: int = 0) -> SPLADecodeState:
+        """The decode state of ``layer_idx`` (created by ``create()`` on first use); ``n_new`` positions arrive."""
         while len(self.layers) <= layer_idx:
             self.layers.append(SPLACacheLayer())
         layer = self.layers[layer_idx]
         if layer.state is None:
             layer.set_state(create())
+        layer.seen += n_new
         return layer.state

@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple, Type, Union
 import torch.nn as nn
 
 from spla.layers.spla import GroupRMSNorm, SPLAAttention, SPLAConfig
+from spla.models.cache import SPLACache
 
 #: model_type -> (transformers module, config class, causal-LM class)
 SUPPORTED_ARCHITECTURES: Dict[str, Tuple[str, str, str]] = {
@@ -59,8 +60,20 @@ def spla_classes(base: str) -> Tuple[Type, Type]:
         else:
             lm_cls._init_weights(self, module)
 
+    def generate(self, *args, **kwargs):
+        """``generate`` with the SPLA decode cache by default (greedy / sampling; beam search keeps HF's cache)."""
+        gen = kwargs.get("generation_config") or self.generation_config
+        beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1) or 1)
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None and beams == 1 \
+                and kwargs.get("use_cache", True) is not False:
+            kwargs["past_key_values"] = SPLACache(config=self.config)
+        with warnings.catch_warnings():  # newer transformers call it `cache`; the old name works in all 5.x
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            return lm_cls.generate(self, *args, **kwargs)
+
     spla_lm = type("SPLA" + lm_name, (lm_cls,), {"config_class": spla_cfg, "__init__": __init__,
-                                                "_init_weights": _init_weights, "__module__": __name__,
+                                                "_init_weights": _init_weights, "generate": generate,
+                                                "__module__": __name__,
                                                 "__doc__": f"{lm_name} whose attention layers are SPLAAttention."})
     _CLASSES[base] = (spla_cfg, spla_lm)
     return spla_cfg, spla_lm
