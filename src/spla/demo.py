@@ -272,8 +272,8 @@ def run_demo(lengths: Sequence[int] = (1024, 2048, 4096), depths: int = 1, block
     print(f"\nNote: this is a training-free conversion with merge='residual', whose residual weight w starts at 0: "
           f"the residual linear-attention branch adds nothing yet, so every SPLA row above is pure top-k "
           f"block-sparse attention ({topk} blocks x {block_size} tokens per query) and the rows differ only in "
-          f"how the blocks are chosen. What the trained residual branch adds is reported in docs/training.md "
-          f"(to come).")
+          f"how the blocks are chosen. To train the residual (continual pretraining), see docs/training.md; "
+          f"what it adds at long context is the study of docs/results.md (not measured yet).")
     print(f"wall time: {wall:.0f} s (model load {t_loaded - t_start:.0f} s) on {dev}, "
           f"{torch.get_num_threads()} threads")
     return result
