@@ -152,26 +152,6 @@ def _load_model(cfg: TrainConfig, source: str, fresh: bool, log) -> nn.Module:
     return model
 
 
-def ignore_packing_masks(model: nn.Module) -> List[Any]:
-    """Make every SPLA attention layer of ``model`` ignore the attention mask transformers builds for a packed row.
-
-    Training batches are packed rows without padding whose position ids restart at every document: the layer
-    derives the document boundaries (``cu_seqlens``) from them. Without a KV cache, transformers also detects
-    the packing and hands the layers a block-diagonal 4-D mask, which the layer would read as key padding; the
-    mask carries nothing the position ids do not, so it is dropped. Returns the hook handles.
-    """
-    from spla.layers import SPLAAttention
-
-    def hook(module, args, kwargs):
-        if kwargs.get("attention_mask") is not None:
-            kwargs = dict(kwargs)
-            kwargs["attention_mask"] = None
-            return args, kwargs
-        return None
-
-    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, SPLAAttention)]
-
-
 def select_trainable(model: nn.Module, what: str) -> Tuple[int, int]:
     """Freeze all parameters except the chosen ones; returns ``(trainable, total)`` parameter counts.
 
@@ -392,7 +372,6 @@ def train(cfg: TrainConfig, log=None) -> Dict[str, Any]:
     spla_cfg = spla_config_of(model)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
-    ignore_packing_masks(model)
     n_train, n_total = select_trainable(model, cfg.trainable)
     say(f"parameters: {n_train / 1e6:.3f}M of {n_total / 1e6:.3f}M train (--trainable {cfg.trainable})")
     if cfg.grad_checkpointing:
@@ -571,4 +550,4 @@ def cleanup_dist() -> None:
         torch.distributed.destroy_process_group()
 
 
-__all__ = ["TrainConfig", "train", "select_trainable", "ignore_packing_masks", "find_checkpoint", "lr_lambda", "cleanup_dist", "TRAINABLE"]
+__all__ = ["TrainConfig", "train", "select_trainable", "find_checkpoint", "lr_lambda", "cleanup_dist", "TRAINABLE"]
