@@ -351,46 +351,34 @@ def main():
     def over():
         return time.time() - START > args.budget
 
+    def guarded(rows_, rec, fn, *a, **kw):
+        """Run one case into ``rec`` (OOM and errors become a note), keep and print the row."""
+        try:
+            fn(*a, **kw)
+        except torch.OutOfMemoryError:
+            rec["note"] = "OOM"
+        except Exception as e:
+            traceback.print_exc()
+            rec["note"] = f"error: {type(e).__name__}"
+        torch.cuda.empty_cache()
+        rows_.append(rec)
+        print(" ".join(f"{n}={fmt(x)}" for n, x in rec.items()), f"[{time.time() - START:.0f}s]", flush=True)
+
     for hs, T in grid:
         HQ, H = map(int, hs.split(","))
         rec = dict(T=T, HQ=HQ, H=H)
         if over():
             rec["note"] = "skipped (time budget)"
+            guarded(rows, rec, lambda: None)
         else:
-            try:
-                run_case(T, HQ, H, 128, nsa, rec, args.case_seconds,
-                         atomic=not args.no_atomic and (args.full or T <= 65536))
-            except torch.OutOfMemoryError:
-                rec["note"] = "OOM"
-            except Exception as e:
-                traceback.print_exc()
-                rec["note"] = f"error: {type(e).__name__}"
-        torch.cuda.empty_cache()
-        rows.append(rec)
-        print(" ".join(f"{n}={fmt(x)}" for n, x in rec.items()), f"[{time.time() - START:.0f}s]", flush=True)
-    for T in args.mem_T:
+            guarded(rows, rec, run_case, T, HQ, H, 128, nsa, rec, args.case_seconds,
+                    atomic=not args.no_atomic and (args.full or T <= 65536))
+    for T in args.mem_T:  # cheap (one forward+backward each): not subject to the budget
         rec = dict(T=T, HQ=32, H=8)
-        if True:  # cheap (one forward+backward each): not subject to the budget
-            try:
-                run_memory(T, 32, 8, 128, rec)
-            except torch.OutOfMemoryError:
-                rec["note"] = "OOM"
-            except Exception as e:
-                traceback.print_exc()
-                rec["note"] = f"error: {type(e).__name__}"
-        torch.cuda.empty_cache()
-        mem_rows.append(rec)
-        print(" ".join(f"{n}={fmt(x)}" for n, x in rec.items()), f"[{time.time() - START:.0f}s]", flush=True)
-    if args.model_step:
+        guarded(mem_rows, rec, run_memory, T, 32, 8, 128, rec)
+    if args.model_step:  # asked for explicitly: not subject to the budget
         rec = dict(T=args.model_T)
-        if True:  # asked for explicitly: not subject to the budget
-            try:
-                run_model_step(args.model_T, rec)
-            except Exception as e:
-                traceback.print_exc()
-                rec["note"] = f"error: {type(e).__name__}"
-        model_rows.append(rec)
-        print(" ".join(f"{n}={fmt(x)}" for n, x in rec.items()), f"[{time.time() - START:.0f}s]", flush=True)
+        guarded(model_rows, rec, run_model_step, args.model_T, rec)
 
     def table(recs, cols):
         cols = [c for c in cols if any(c in r for r in recs)]

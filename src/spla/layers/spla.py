@@ -29,11 +29,9 @@ import torch
 import torch.nn as nn
 
 from spla.ops import spla_attn
-from spla.ops.spla.chunk import chunk_global_linear_attn, chunk_spla_select
+from spla.ops.spla.chunk import chunk_global_linear_attn, select_rows
 from spla.ops.spla.decode import SPLADecodeState
-from spla.ops.spla.utils import (BACKENDS, COVS, FEATURE_MAPS, SELECTIONS, BlockStats, block_log_scores, block_stats,
-                                 candidate_range, compute_dtype, feature_map, forced_blocks, group_scores,
-                                 topk_stable)
+from spla.ops.spla.utils import BACKENDS, COVS, FEATURE_MAPS, SELECTIONS, compute_dtype, feature_map
 
 MERGES = ("residual", "rattention")
 RLA_NORMS = ("rmsnorm", "mass")
@@ -428,39 +426,9 @@ class SPLAAttention(nn.Module):
         Same rule and the same shared definitions (``spla.ops.spla.utils``) as the op's selection.
         """
         c = self.spla_config
-        n, HQ, D = q.shape
-        L, H = k.shape[:2]
-        G = HQ // H
-        bs = c.block_size
-        p0 = L - n
-        if p0 == 0:
-            return chunk_spla_select(q[None], k[None], block_size=bs, topk=c.topk, sink_blocks=c.sink_blocks,
-                                     local_blocks=c.local_blocks, selection=c.selection, cov=c.cov,
-                                     rep_keys=c.rep_keys, scale=self.scaling)[0]
-        acc = compute_dtype(q.dtype)
-        nb = L // bs
-        stats = None
-        if c.selection != "oracle" and nb > 0:
-            stats = block_stats(k, bs, cov=c.cov, rep_keys=c.rep_keys, second_order=c.selection == "taylor2")
-        kb = k[: nb * bs].to(acc).view(nb, bs, H, D)
-        idx = torch.full((n, H, c.topk), -1, dtype=torch.int32, device=q.device)
-        for blk in range(p0 // bs, (L - 1) // bs + 1):
-            r0, r1 = max(blk * bs, p0) - p0, min((blk + 1) * bs, L) - p0
-            m = r1 - r0
-            forced = torch.tensor(forced_blocks(blk, c.sink_blocks, c.local_blocks), device=q.device)
-            lo, hi = candidate_range(blk, c.sink_blocks, c.local_blocks)
-            n_free = c.topk - forced.numel()
-            if hi - lo <= n_free:
-                sel = torch.cat([forced, torch.arange(lo, hi, device=q.device)]).sort().values
-                idx[r0:r1, :, :sel.numel()] = sel.to(torch.int32)
-                continue
-            qc = q[r0:r1].to(acc).view(m, H, G, D)
-            sub = None if stats is None else BlockStats(*(None if x is None else x[lo:hi] for x in stats))
-            lg = block_log_scores(qc, sub, self.scaling, bs, c.selection, c.cov, kb[lo:hi])
-            chosen = topk_stable(group_scores(lg), n_free) + lo
-            sel = torch.cat([forced.expand(m, H, -1), chosen], -1).sort(-1).values
-            idx[r0:r1, :, :sel.shape[-1]] = sel.to(torch.int32)
-        return idx
+        return select_rows(q, k, k.shape[0] - q.shape[0], block_size=c.block_size, topk=c.topk,
+                           sink_blocks=c.sink_blocks, local_blocks=c.local_blocks, selection=c.selection, cov=c.cov,
+                           rep_keys=c.rep_keys, scale=self.scaling)
 
     def blocks_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: torch.Tensor,
                       k_lin: torch.Tensor, need_rla: bool = True,

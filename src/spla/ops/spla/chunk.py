@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from spla.ops.spla.utils import (SPLAOutput, block_log_scores, block_stats, candidate_range, compute_dtype,
+from spla.ops.spla.utils import (BlockStats, SPLAOutput, block_log_scores, block_stats, candidate_range, compute_dtype,
                                  feature_map, forced_blocks, group_scores, segments, token_positions,
                                  topk_stable)
 
@@ -31,42 +31,64 @@ from spla.ops.spla.utils import (SPLAOutput, block_log_scores, block_stats, cand
 CHUNK_BUDGET = 1 << 22
 
 
+def select_query_block(qc: torch.Tensor, c: int, stats: Optional[BlockStats], k_blocks: Optional[torch.Tensor], *,
+                       block_size: int, topk: int, sink_blocks: int, local_blocks: int, selection: str, cov: str,
+                       scale: float) -> torch.Tensor:
+    """Selected blocks of queries that all sit in block ``c`` (SPEC §2-§3): `[n, H, m]` ascending, ``m <= topk``.
+
+    Args:
+        qc (torch.Tensor): `[n, H, G, D]` queries (fp32/fp64), grouped by KV head.
+        stats (BlockStats, Optional): statistics of the sequence's complete blocks (indexed by block id).
+        k_blocks (torch.Tensor, Optional): `[NB, block_size, H, D]` keys of those blocks (``selection="oracle"``).
+    """
+    n, H = qc.shape[:2]
+    forced = torch.tensor(forced_blocks(c, sink_blocks, local_blocks), device=qc.device)
+    lo, hi = candidate_range(c, sink_blocks, local_blocks)
+    n_free = topk - forced.numel()
+    if hi - lo <= n_free:
+        return torch.cat([forced, torch.arange(lo, hi, device=qc.device)]).sort().values.expand(n, H, -1)
+    sub = None if stats is None else BlockStats(*(None if x is None else x[lo:hi] for x in stats))
+    kb = None if k_blocks is None else k_blocks[lo:hi]
+    l = block_log_scores(qc, sub, scale, block_size, selection, cov, kb)
+    chosen = topk_stable(group_scores(l), n_free) + lo  # [n, H, n_free]
+    return torch.cat([forced.expand(n, H, -1), chosen], -1).sort(-1).values
+
+
+@torch.no_grad()
+def select_rows(q: torch.Tensor, k: torch.Tensor, p0: int = 0, *, block_size: int, topk: int, sink_blocks: int,
+                local_blocks: int, selection: str, cov: str, rep_keys: int, scale: float) -> torch.Tensor:
+    """Selected blocks `[n, H, topk]` (int32, ascending, -1 padded) of the queries at positions ``p0 .. p0+n-1``
+    of one sequence whose keys are k `[L, H, D]` (q `[n, HQ, D]`)."""
+    n, HQ, D = q.shape
+    L, H = k.shape[:2]
+    G = HQ // H
+    acc = compute_dtype(q.dtype)
+    nb = L // block_size
+    stats = None
+    if selection != "oracle" and nb > 0:
+        stats = block_stats(k, block_size, cov=cov, rep_keys=rep_keys, second_order=selection == "taylor2")
+    kb = k[: nb * block_size].to(acc).view(nb, block_size, H, D) if selection == "oracle" else None
+    idx = torch.full((n, H, topk), -1, dtype=torch.int32, device=q.device)
+    for c in range(p0 // block_size, (p0 + n - 1) // block_size + 1):
+        r0, r1 = max(c * block_size, p0) - p0, min((c + 1) * block_size, p0 + n) - p0
+        sel = select_query_block(q[r0:r1].to(acc).view(r1 - r0, H, G, D), c, stats, kb, block_size=block_size,
+                                 topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                                 selection=selection, cov=cov, scale=scale)
+        idx[r0:r1, :, :sel.shape[-1]] = sel.to(torch.int32)
+    return idx
+
+
 @torch.no_grad()
 def chunk_spla_select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, sink_blocks: int,
                       local_blocks: int, selection: str, cov: str, rep_keys: int, scale: float,
                       cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Selected blocks per token and KV head, `[B, T, H, topk]` int32, ascending, -1 padded (SPEC §2-§3)."""
-    B, T, HQ, D = q.shape
-    H = k.shape[2]
-    G = HQ // H
-    acc = compute_dtype(q.dtype)
-    indices = torch.full((B, T, H, topk), -1, dtype=torch.int32, device=q.device)
+    B, T = q.shape[:2]
+    indices = torch.full((B, T, k.shape[2], topk), -1, dtype=torch.int32, device=q.device)
     for b, start, end in segments(B, T, cu_seqlens):
-        L = end - start
-        ks = k[b, start:end]
-        nb = L // block_size
-        stats = None
-        if selection != "oracle" and nb > 0:
-            stats = block_stats(ks, block_size, cov=cov, rep_keys=rep_keys, second_order=selection == "taylor2")
-        kb = ks[: nb * block_size].to(acc).view(nb, block_size, H, D)
-        for c in range((L + block_size - 1) // block_size):
-            t0, t1 = c * block_size, min((c + 1) * block_size, L)
-            forced = torch.tensor(forced_blocks(c, sink_blocks, local_blocks), device=q.device)
-            lo, hi = candidate_range(c, sink_blocks, local_blocks)
-            n_free = topk - forced.numel()
-            n = t1 - t0
-            if hi - lo <= n_free:
-                sel = torch.cat([forced, torch.arange(lo, hi, device=q.device)]).sort().values
-                indices[b, start + t0:start + t1, :, :sel.numel()] = sel.to(torch.int32)
-                continue
-            qc = q[b, start + t0:start + t1].to(acc).view(n, H, G, D)
-            sub = None
-            if stats is not None:
-                sub = type(stats)(*(None if x is None else x[lo:hi] for x in stats))
-            l = block_log_scores(qc, sub, scale, block_size, selection, cov, kb[lo:hi])
-            chosen = topk_stable(group_scores(l), n_free) + lo  # [n, H, n_free]
-            sel = torch.cat([forced.expand(n, H, -1), chosen], -1).sort(-1).values
-            indices[b, start + t0:start + t1, :, :sel.shape[-1]] = sel.to(torch.int32)
+        indices[b, start:end] = select_rows(q[b, start:end], k[b, start:end], block_size=block_size, topk=topk,
+                                            sink_blocks=sink_blocks, local_blocks=local_blocks, selection=selection,
+                                            cov=cov, rep_keys=rep_keys, scale=scale)
     return indices
 
 
@@ -225,7 +247,7 @@ def chunk_global_linear_attn(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor
     H, Dv = fk.shape[2], v.shape[-1]
     G = HQ // H
     v = v.to(fq.dtype)
-    outs, masses = [], []
+    o = fq.new_zeros(B, T, HQ, Dv + 1)  # values and, in the last column, the mass
     C = chunk_size
     for b, start, end in segments(B, T, cu_seqlens):
         L = end - start
@@ -247,11 +269,7 @@ def chunk_global_linear_attn(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor
         a = torch.einsum("nchgt,niht->nhgci", q_, k_)
         a = a * torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
         intra = torch.einsum("nhgci,nihd->nchgd", a, ve)
-        o = (inter + intra).reshape(nc * C, HQ, Dv + 1)[:L]
-        outs.append((b, start, end, o))
-    o = fq.new_zeros(B, T, HQ, Dv + 1)
-    for b, start, end, ob in outs:
-        o[b, start:end] = ob
+        o[b, start:end] = (inter + intra).reshape(nc * C, HQ, Dv + 1)[:L]
     return o[..., :Dv], o[..., Dv]
 
 

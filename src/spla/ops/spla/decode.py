@@ -18,10 +18,9 @@ from typing import Optional
 
 import torch
 
-from spla.ops.spla.chunk import _sparse_chunk
+from spla.ops.spla.chunk import _sparse_chunk, select_query_block
 from spla.ops.spla.interface import spla_attn
-from spla.ops.spla.utils import (BlockStats, SPLAOutput, block_log_scores, block_stats, candidate_range, compute_dtype,
-                                 feature_map, feature_dim, forced_blocks, group_scores, topk_stable)
+from spla.ops.spla.utils import (BlockStats, SPLAOutput, block_stats, compute_dtype, feature_map, feature_dim)
 
 
 class SPLADecodeState:
@@ -190,21 +189,14 @@ class SPLADecodeState:
         for b in range(B):
             t = int(self.lengths[b]) - 1
             c = t // bs
-            forced = torch.tensor(forced_blocks(c, self.sink_blocks, self.local_blocks), device=q.device)
-            lo, hi = candidate_range(c, self.sink_blocks, self.local_blocks)
-            n_free = self.topk - forced.numel()
             qb = q[b].to(acc).view(1, H, G, D)
-            if hi - lo <= n_free:
-                sel = torch.cat([forced, torch.arange(lo, hi, device=q.device)]).sort().values.expand(H, -1)
-            else:
-                kb = None
-                if self.selection == "oracle":  # the yardstick reads every key of the candidates
-                    kb = self.k[b, lo * bs:hi * bs].to(acc).view(hi - lo, bs, H, D)
-                stats = BlockStats(self.mean[b, lo:hi], self.second[b, lo:hi],
-                                   self.reps[b, lo:hi] if self.rep_keys else None)
-                l = block_log_scores(qb, stats, self.scale, bs, self.selection, self.cov, kb)
-                chosen = topk_stable(group_scores(l), n_free)[0] + lo  # [H, n_free]
-                sel = torch.cat([forced.expand(H, -1), chosen], -1).sort(-1).values
+            kb = None
+            if self.selection == "oracle":  # the yardstick reads every key of the complete blocks
+                kb = self.k[b, :c * bs].to(acc).view(c, bs, H, D)
+            stats = BlockStats(self.mean[b], self.second[b], self.reps[b] if self.rep_keys else None)
+            sel = select_query_block(qb, c, stats, kb, block_size=bs, topk=self.topk, sink_blocks=self.sink_blocks,
+                                     local_blocks=self.local_blocks, selection=self.selection, cov=self.cov,
+                                     scale=self.scale)[0]  # [H, m]
             indices[b, :, :sel.shape[-1]] = sel.to(torch.int32)
             # gather the selected blocks only: [H, nsel * bs, *]
             pos = (sel[..., None] * bs + torch.arange(bs, device=q.device)).flatten(1)

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from spla.ops.spla.chunk import chunk_spla_select
 from spla.ops.spla.linear import feature_map_bwd, feature_map_fwd, global_linear_bwd, global_linear_fwd
-from spla.ops.spla.utils import SPLAOutput, feature_map
+from spla.ops.spla.utils import SPLAOutput
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # chunk length of the global linear attention
