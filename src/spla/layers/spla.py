@@ -9,7 +9,7 @@ Two ways to compute the attention itself (``SPLAConfig.impl``):
 
 - ``"op"``: :func:`spla.spla_attn` (Triton kernels on CUDA, the chunked torch backend on CPU). This is the
   contract; use it for training and prefill on a GPU.
-- ``"blocks"``: the selection of the op (``chunk_spla_select`` and the shared block-score definitions of
+- ``"blocks"``: the selection of the op (``spla.ops.spla.chunk.select_rows`` and the shared block-score definitions of
   ``spla.ops.spla.utils``), then exact softmax attention per query block over the union of the blocks its
   tokens selected, masked per token. It is the fast path on CPU, handles query rows that come after a KV
   cache (decoding), and skips the linear branch when it cannot contribute (``merge="residual"`` with an
