@@ -30,13 +30,18 @@ class SPLADecodeState:
         batch_size, num_kv_heads, head_dim, value_dim, lin_dim: cache geometry (``lin_dim`` = Dl of k_lin).
         block_size, topk, sink_blocks, local_blocks, selection, cov, rep_keys, feature_map, scale:
             the options of :func:`spla.spla_attn`; decoding reproduces it at every position.
+        dtype, device: of the K/V cache. capacity: tokens to allocate up front (grows by doubling).
+        stats_dtype: storage of the block statistics, default fp32 (fp64 for an fp64 cache), which reproduces
+            :func:`spla.spla_attn`'s selection; ``torch.bfloat16`` halves the largest read of a long-context
+            step (the scores are still computed in fp32, but near-tied blocks may be ranked differently).
+        backend: ``"triton"`` (CUDA kernels), ``"torch"``, or ``None`` (Triton on CUDA when the options allow).
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, value_dim: Optional[int] = None,
                  lin_dim: Optional[int] = None, *, block_size: int = 64, topk: int = 16, sink_blocks: int = 1,
                  local_blocks: int = 2, selection: str = "taylor2", cov: str = "diag", rep_keys: int = 1,
                  feature_map: str = "softmax2", scale: Optional[float] = None, dtype=torch.float32,
-                 device=None, capacity: int = 0, backend: Optional[str] = None):
+                 device=None, capacity: int = 0, stats_dtype=None, backend: Optional[str] = None):
         self.B, self.H, self.D = batch_size, num_kv_heads, head_dim
         self.Dv, self.Dl = value_dim or head_dim, lin_dim or head_dim
         self.opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
@@ -58,15 +63,19 @@ class SPLADecodeState:
                              f"selection={selection!r}, cov={cov!r}; use backend='torch'")
         self.backend = backend
         acc = compute_dtype(dtype)
+        sdt = acc if stats_dtype is None else stats_dtype
+        if not (isinstance(sdt, torch.dtype) and sdt.is_floating_point):
+            raise ValueError(f"stats_dtype must be a floating torch.dtype or None, got {stats_dtype!r}")
         Fd = feature_dim(self.Dl, feature_map)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_length = 0  # host copy of lengths.max(): growing the cache needs no device sync
         self.k = torch.zeros(batch_size, 0, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch_size, 0, num_kv_heads, self.Dv, dtype=dtype, device=device)
         self.k_lin = torch.zeros(batch_size, 0, num_kv_heads, self.Dl, dtype=dtype, device=device)
-        self.mean = torch.zeros(batch_size, 0, num_kv_heads, head_dim, dtype=acc, device=device)
+        self.mean = torch.zeros(batch_size, 0, num_kv_heads, head_dim, dtype=sdt, device=device)
         sec = (head_dim, head_dim) if cov == "full" else (head_dim,)
-        self.second = torch.zeros(batch_size, 0, num_kv_heads, *sec, dtype=acc, device=device)
-        self.reps = torch.zeros(batch_size, 0, num_kv_heads, rep_keys, head_dim, dtype=acc, device=device)
+        self.second = torch.zeros(batch_size, 0, num_kv_heads, *sec, dtype=sdt, device=device)
+        self.reps = torch.zeros(batch_size, 0, num_kv_heads, rep_keys, head_dim, dtype=sdt, device=device)
         self.S = torch.zeros(batch_size, num_kv_heads, Fd, self.Dv, dtype=acc, device=device)
         self.z = torch.zeros(batch_size, num_kv_heads, Fd, dtype=acc, device=device)
         if capacity:
@@ -98,9 +107,19 @@ class SPLADecodeState:
         if self.rep_keys:
             self.reps[b, j] = st.reps[0]
 
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more tokens per sequence now, so that the next ``n`` Triton steps allocate
+        nothing and sync nothing (then they can be captured and replayed as a CUDA graph)."""
+        self._grow(self.max_length + n)
+
     def _append(self, k, v, k_lin) -> None:
         """Append one token per sequence (`[B, H, *]`): caches, linear state, completed-block statistics."""
-        self._grow(int(self.lengths.max()) + 1)
+        self._grow(self.max_length + 1)
+        self.max_length += 1
+        if self.backend == "triton":
+            from spla.ops.spla.decode_kernels import decode_append
+            decode_append(self, k, v, k_lin)
+            return
         rows = torch.arange(self.B, device=k.device)
         self.k[rows, self.lengths], self.v[rows, self.lengths] = k, v
         self.k_lin[rows, self.lengths] = k_lin
@@ -118,7 +137,7 @@ class SPLADecodeState:
         ``key_valid [B, T]`` (bool) marks real tokens of left/right-padded prompts: each row is then its own
         sequence of its real tokens (positions count real tokens only); padded rows of the outputs are 0.
         """
-        if int(self.lengths.max()) != 0:
+        if self.max_length != 0:
             return self.step(q, k, v, q_lin, k_lin)
         q_lin = q if q_lin is None else q_lin
         k_lin = k if k_lin is None else k_lin
@@ -161,6 +180,7 @@ class SPLADecodeState:
         self.S[b] += torch.einsum("thf,thd->hfd", fk, v.to(fk.dtype))
         self.z[b] += fk.sum(0)
         self.lengths[b] = L
+        self.max_length = max(self.max_length, L)
 
     @torch.no_grad()
     def step(self, q, k, v, q_lin=None, k_lin=None) -> SPLAOutput:
@@ -193,7 +213,8 @@ class SPLADecodeState:
             kb = None
             if self.selection == "oracle":  # the yardstick reads every key of the complete blocks
                 kb = self.k[b, :c * bs].to(acc).view(c, bs, H, D)
-            stats = BlockStats(self.mean[b], self.second[b], self.reps[b] if self.rep_keys else None)
+            stats = BlockStats(self.mean[b].to(acc), self.second[b].to(acc),
+                               self.reps[b].to(acc) if self.rep_keys else None)
             sel = select_query_block(qb, c, stats, kb, block_size=bs, topk=self.topk, sink_blocks=self.sink_blocks,
                                      local_blocks=self.local_blocks, selection=self.selection, cov=self.cov,
                                      scale=self.scale)[0]  # [H, m]

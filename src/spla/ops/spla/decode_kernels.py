@@ -1,16 +1,21 @@
 # -*- coding: utf-8 -*-
 """Triton kernels of one SPLA decode step (SPEC §7), used by :class:`SPLADecodeState` on CUDA.
 
-Per sequence ``b`` and KV head ``h`` a step
+A step is five launches (plus ``lengths += 1``) and no host sync (so it can be captured in a CUDA graph):
 
-1. ``spla_decode_fwd_kernel_score``: reads the block statistics of the candidate blocks once, computes the
-   per-head log estimates ``l`` (second order, floored by the representative keys), their log-sum-exp over
-   the candidates, and writes the group score ``s_j`` of every block (``+inf`` for forced blocks, ``-inf``
-   for blocks that are neither forced nor candidates). A top-k of ``s`` is then the selection.
-2. ``spla_decode_fwd_kernel_attn``: one program per selected block (split-K over the selection): exact
+0. ``spla_decode_fwd_kernel_append``: writes the new token to the caches and the linear state and, when it
+   completes a block, that block's statistics.
+1. ``spla_decode_fwd_kernel_score``: the candidate blocks of every (sequence ``b``, KV head ``h``) are split
+   into tiles, one program per tile: it reads the tile's block statistics once and writes the per-head log
+   estimates ``l`` (second order, floored by the representative keys) and a partial log-sum-exp.
+2. ``spla_decode_fwd_kernel_select``: per ``(b, h)``, merges the partial log-sum-exps, forms the group score
+   ``s_j`` of every block (forced blocks first, blocks that are neither forced nor candidates never) and
+   keeps the top-k of packed (score, block) keys with ``tl.topk``, chunk by chunk.
+3. ``spla_decode_fwd_kernel_attn``: one program per selected block (split-K over the selection): exact
    attention partials (max, sum, weighted values) over the block's visible tokens and, over the same K/V
    tiles, the selected linear term and its mass; unselected blocks are never read.
-3. a small combine (log-sum-exp over the partials), the global term ``phi(q)·S`` and the subtraction.
+4. ``spla_decode_fwd_kernel_combine``: per ``(b, h)``, the log-sum-exp combine of the partials, the global term
+   ``phi(q)·S`` from the fp32 state and the subtraction (zero where every visible token was selected, by count).
 """
 
 from __future__ import annotations
@@ -21,67 +26,100 @@ import torch
 import triton
 import triton.language as tl
 
-from spla.ops.spla.utils import feature_map as torch_feature_map
+from spla.ops.spla.parallel import block_stats_tile
+
 
 
 @triton.jit
-def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, s_out, scale, log_bs, NB_cap, NBS,
+def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, scale, log_bs, NB_cap, NBS, NT,
                                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                  D: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
                                  SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr,
                                  BJ: tl.constexpr):
+    """One tile of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and a partial log-sum-exp."""
+    i_t = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    t = tl.load(lengths + i_b).to(tl.int64) - 1
+    c = t // BS
+    hi = c - LOCAL + 1
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    rows = i_b * HQ + i_h * G + o_g  # [BG]
+    o_j = i_t * BJ + tl.arange(0, BJ)
+    m_j = (o_j >= SINK) & (o_j < hi)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_sum = tl.zeros([BG], tl.float32)
+    if (i_t * BJ < hi) & (i_t * BJ + BJ > SINK):
+        o_d = tl.arange(0, BD)
+        m_d = o_d < D
+        b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        base = ((i_b * NB_cap + o_j) * H + i_h) * D  # [BJ]
+        m_jd = m_j[:, None] & m_d[None, :]
+        b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+        b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="ieee") * scale  # [BG, BJ]
+        if TAYLOR2:
+            b_var = tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+            b_l += 0.5 * scale * scale * tl.dot(b_q * b_q, tl.trans(b_var), input_precision="ieee")
+        for r in tl.static_range(R):
+            rbase = (((i_b * NB_cap + o_j) * H + i_h) * R + r) * D
+            b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+            b_l = tl.maximum(b_l, tl.dot(b_q, tl.trans(b_rep), input_precision="ieee") * scale - log_bs)
+        # padded heads get a finite 0 (never stored), non-candidates -inf
+        b_l = tl.where(m_g[:, None], b_l, 0.)
+        b_l = tl.where(m_j[None, :], b_l, float("-inf"))
+        tl.store(lbuf + rows[:, None] * NBS + o_j[None, :], b_l, mask=m_g[:, None] & m_j[None, :])
+        b_m = tl.max(b_l, 1)
+        b_sum = tl.sum(tl.exp(b_l - tl.where(b_m == float("-inf"), 0., b_m)[:, None]), 1)
+    tl.store(p_m + rows * NT + i_t, b_m, mask=m_g)
+    tl.store(p_s + rows * NT + i_t, b_sum, mask=m_g)
+
+
+@triton.jit
+def spla_decode_fwd_kernel_select(lbuf, p_m, p_s, lengths, indices, NBS, NT,
+                                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+                                  BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+                                  TOPK: tl.constexpr, KP: tl.constexpr, BNT: tl.constexpr, BC: tl.constexpr):
+    """Group scores of all blocks of one (sequence, KV head) and their top-k (ascending, -1 padded)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t = tl.load(lengths + i_b).to(tl.int64) - 1
     c = t // BS
-    lo = SINK
     hi = c - LOCAL + 1
     o_g = tl.arange(0, BG)
     m_g = o_g < G
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    # [BG, BD] queries of the group, fp32
-    b_q = tl.load(q + (i_b * HQ + i_h * G + o_g[:, None]) * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :],
-                  other=0.).to(tl.float32)
-    b_q2 = b_q * b_q
-    m_run = tl.full([BG], float("-inf"), tl.float32)
-    s_run = tl.zeros([BG], tl.float32)
-    # pass 1: estimates of the candidate blocks, their running log-sum-exp per head
-    for j0 in range(lo, hi, BJ):
-        o_j = j0 + tl.arange(0, BJ)
-        m_j = o_j < hi
-        base = ((i_b * NB_cap + o_j) * H + i_h) * D  # [BJ]
-        m_jd = m_j[:, None] & m_d[None, :]
-        b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.)  # [BJ, BD]
-        b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="ieee") * scale  # [BG, BJ]
-        if TAYLOR2:
-            b_var = tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.)
-            b_l += 0.5 * scale * scale * tl.dot(b_q2, tl.trans(b_var), input_precision="ieee")
-        for r in tl.static_range(R):
-            rbase = (((i_b * NB_cap + o_j) * H + i_h) * R + r) * D
-            b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.)
-            b_l = tl.maximum(b_l, tl.dot(b_q, tl.trans(b_rep), input_precision="ieee") * scale - log_bs)
-        # padded heads get a finite 0 (ignored later), blocks past the candidates -inf
-        b_l = tl.where(m_g[:, None], b_l, 0.)
-        b_l = tl.where(m_j[None, :], b_l, float("-inf"))
-        tl.store(lbuf + (i_b * HQ + i_h * G + o_g[:, None]) * NBS + o_j[None, :], b_l,
-                 mask=m_g[:, None] & m_j[None, :])
-        m_new = tl.maximum(m_run, tl.max(b_l, 1))
-        s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(b_l - m_new[:, None]), 1)
-        m_run = m_new
-    lse = m_run + tl.log(s_run)  # [BG]
-    # pass 2: group score of every block of the sequence so far
-    for j0 in range(0, c + 1, BJ):
-        o_j = j0 + tl.arange(0, BJ)
-        is_cand = (o_j >= lo) & (o_j < hi)
-        b_l = tl.load(lbuf + (i_b * HQ + i_h * G + o_g[:, None]) * NBS + o_j[None, :],
-                      mask=m_g[:, None] & is_cand[None, :], other=float("-inf"))
-        b_p = tl.where(m_g[:, None] & is_cand[None, :], tl.exp(b_l - lse[:, None]), 0.)
-        b_s = tl.sum(b_p, 0)  # [BJ]
-        forced = (o_j <= c) & ((o_j < SINK) | (o_j >= c - LOCAL + 1))
-        b_s = tl.where(is_cand, b_s, float("-inf"))
-        b_s = tl.where(forced, float("inf"), b_s)
-        tl.store(s_out + i_bh * NBS + o_j, b_s, mask=o_j < NBS)
+    rows = i_b * HQ + i_h * G + o_g
+    # per-head log-sum-exp over the candidates from the tiles' partials
+    o_n = tl.arange(0, BNT)
+    m_gn = m_g[:, None] & (o_n < NT)[None, :]
+    b_pm = tl.load(p_m + rows[:, None] * NT + o_n[None, :], mask=m_gn, other=float("-inf"))
+    b_ps = tl.load(p_s + rows[:, None] * NT + o_n[None, :], mask=m_gn, other=0.)
+    b_mx = tl.max(b_pm, 1)
+    b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
+    b_lse = b_mx + tl.log(tl.sum(b_ps * tl.exp(b_pm - b_mx[:, None]), 1))  # [BG]
+    # packed (score, block) keys: ties go to the lower block, as the torch top-k of the op
+    BIG = 2147483647
+    NONE = -9223372036854775807 - 1
+    INF_BITS = 0x7F800000
+    b_top = tl.full([KP], NONE, tl.int64)
+    for j0 in range(0, c + 1, BC):
+        o_j = j0 + tl.arange(0, BC)
+        is_cand = (o_j >= SINK) & (o_j < hi)
+        m_l = m_g[:, None] & is_cand[None, :]
+        b_l = tl.load(lbuf + rows[:, None] * NBS + o_j[None, :], mask=m_l, other=float("-inf"))
+        b_s = tl.sum(tl.where(m_l, tl.exp(b_l - b_lse[:, None]), 0.), 0)  # [BC]
+        b_bits = b_s.to(tl.int32, bitcast=True)
+        b_bits = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
+        forced = (o_j <= c) & ((o_j < SINK) | (o_j >= hi))
+        b_bits = tl.where(forced, INF_BITS, b_bits)
+        b_key = (b_bits.to(tl.int64) << 32) | (BIG - o_j).to(tl.int64)
+        b_key = tl.where(is_cand | forced, b_key, NONE)
+        b_top = tl.topk(tl.join(b_top, tl.topk(b_key, KP)).reshape([2 * KP]), KP)
+    o_k = tl.arange(0, KP)
+    b_idx = tl.where((b_top != NONE) & (o_k < TOPK), BIG - (b_top & 0xFFFFFFFF), BIG)
+    b_idx = tl.sort(b_idx)
+    b_idx = tl.where(b_idx < BIG, b_idx, -1).to(tl.int32)
+    tl.store(indices + i_bh * TOPK + o_k, b_idx, mask=o_k < TOPK)
 
 
 @triton.jit
@@ -150,6 +188,105 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
     tl.store(p_cnt + i_bh * TOPK + i_s, tl.sum(m_i.to(tl.int32), 0))
 
 
+@triton.jit
+def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin, p_mass, p_cnt, o, o_rla, rla_mass,
+                                   HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+                                   DV: tl.constexpr, BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr,
+                                   F: tl.constexpr, TOPK: tl.constexpr, FMAP: tl.constexpr):
+    """Log-sum-exp combine of the per-block partials, the global term ``phi(q)·S`` and the subtraction."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b = i_bh // H
+    t = tl.load(lengths + i_b).to(tl.int64) - 1
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    rows = i_bh * G + o_g  # == i_b * HQ + i_h * G + o_g
+    o_v, o_l = tl.arange(0, BDV), tl.arange(0, BDL)
+    m_v, m_l = o_v < DV, o_l < DL
+    m_gv = m_g[:, None] & m_v[None, :]
+    # the exact branch: max over the partials, then rescaled sums
+    b_mx = tl.full([BG], float("-inf"), tl.float32)
+    for s in tl.static_range(TOPK):
+        b_mx = tl.maximum(b_mx, tl.load(p_m + rows * TOPK + s, mask=m_g, other=float("-inf")))
+    b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
+    b_den = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BDV], tl.float32)
+    b_lin = tl.zeros([BG, BDV], tl.float32)
+    b_mass = tl.zeros([BG], tl.float32)
+    n_sel = 0
+    for s in tl.static_range(TOPK):
+        b_w = tl.exp(tl.load(p_m + rows * TOPK + s, mask=m_g, other=float("-inf")) - b_mx)
+        b_den += b_w * tl.load(p_l + rows * TOPK + s, mask=m_g, other=0.)
+        po = (rows * TOPK + s)[:, None] * DV + o_v[None, :]
+        b_acc += b_w[:, None] * tl.load(p_acc + po, mask=m_gv, other=0.)
+        b_lin += tl.load(p_lin + po, mask=m_gv, other=0.)
+        b_mass += tl.load(p_mass + rows * TOPK + s, mask=m_g, other=0.)
+        n_sel += tl.load(p_cnt + i_bh * TOPK + s)
+    b_o = b_acc / tl.where(b_den > 0, b_den, 1.)[:, None]
+    tl.store(o + rows[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_gv)
+    # the global linear term from the state; zero where every visible token was selected (counted)
+    b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
+    f1, f2 = _phi(b_ql, m_l, FMAP)
+    m_lv = m_l[:, None] & m_v[None, :]
+    sb = S + i_bh * F * DV
+    b_S1 = tl.load(sb + o_l[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
+    b_glob = tl.dot(f1, b_S1, input_precision="ieee")
+    b_gm = tl.sum(f1 * tl.load(z + i_bh * F + o_l, mask=m_l, other=0.)[None, :], 1)
+    if F > DL:
+        b_S2 = tl.load(sb + (DL + o_l)[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
+        b_glob += tl.dot(f2, b_S2, input_precision="ieee")
+        b_gm += tl.sum(f2 * tl.load(z + i_bh * F + DL + o_l, mask=m_l, other=0.)[None, :], 1)
+    empty = n_sel == t + 1
+    b_r = tl.where(empty, 0., b_glob - b_lin)
+    tl.store(o_rla + rows[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_gv)
+    tl.store(rla_mass + rows, tl.where(empty, 0., b_gm - b_mass), mask=m_g)
+
+
+@triton.jit
+def spla_decode_fwd_kernel_append(k_new, v_new, kl_new, k, v, k_lin, S, z, mean, var, reps, lengths, T_cap, NB_cap,
+                                  H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
+                                  BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr, F: tl.constexpr,
+                                  BS: tl.constexpr, BSP: tl.constexpr, R: tl.constexpr, SECOND: tl.constexpr,
+                                  FMAP: tl.constexpr):
+    """Append one token of one (sequence, KV head) at position ``lengths[b]``: the K/V/k_lin caches, the fp32
+    linear state and, when the token completes its block, that block's statistics (from the cached keys and
+    the new key held in registers). The caller then adds 1 to ``lengths``."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    L = tl.load(lengths + i_b).to(tl.int64)
+    o_d, o_v, o_l = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BDL)
+    m_d, m_v, m_l = o_d < D, o_v < DV, o_l < DL
+    b_k = tl.load(k_new + i_bh * D + o_d, mask=m_d, other=0.)
+    b_v = tl.load(v_new + i_bh * DV + o_v, mask=m_v, other=0.)
+    b_kl = tl.load(kl_new + i_bh * DL + o_l, mask=m_l, other=0.)
+    tok = (i_b * T_cap + L) * H + i_h
+    tl.store(k + tok * D + o_d, b_k.to(k.dtype.element_ty), mask=m_d)
+    tl.store(v + tok * DV + o_v, b_v.to(v.dtype.element_ty), mask=m_v)
+    tl.store(k_lin + tok * DL + o_l, b_kl.to(k_lin.dtype.element_ty), mask=m_l)
+    # the state: S += phi(k_lin) v^T, z += phi(k_lin) (phi of the cached, rounded k_lin, as the prefill)
+    f1, f2 = _phi(b_kl.to(k_lin.dtype.element_ty).to(tl.float32)[None, :], m_l, FMAP)
+    b_vf = b_v.to(v.dtype.element_ty).to(tl.float32)
+    m_lv = m_l[:, None] & m_v[None, :]
+    sb = S + i_bh * F * DV
+    p1 = sb + o_l[:, None] * DV + o_v[None, :]
+    tl.store(p1, tl.load(p1, mask=m_lv, other=0.) + tl.trans(f1) * b_vf[None, :], mask=m_lv)
+    tl.store(z + i_bh * F + o_l, tl.load(z + i_bh * F + o_l, mask=m_l, other=0.) + tl.sum(f1, 0), mask=m_l)
+    if F > DL:
+        p2 = sb + (DL + o_l)[:, None] * DV + o_v[None, :]
+        tl.store(p2, tl.load(p2, mask=m_lv, other=0.) + tl.trans(f2) * b_vf[None, :], mask=m_lv)
+        tl.store(z + i_bh * F + DL + o_l, tl.load(z + i_bh * F + DL + o_l, mask=m_l, other=0.) + tl.sum(f2, 0),
+                 mask=m_l)
+    if (L + 1) % BS == 0:
+        j = (L + 1) // BS - 1
+        o_s = tl.arange(0, BSP)
+        m_k = (o_s < BS)[:, None] & m_d[None, :]
+        pos = j * BS + o_s
+        b_blk = tl.load(k + ((i_b * T_cap + pos[:, None]) * H + i_h) * D + o_d[None, :],
+                        mask=m_k & (pos < L)[:, None], other=0.).to(tl.float32)
+        b_blk = tl.where((pos == L)[:, None], b_k.to(k.dtype.element_ty).to(tl.float32)[None, :], b_blk)
+        p = ((i_b * NB_cap + j) * H + i_h) * D
+        block_stats_tile(b_blk, m_k, o_s, o_d, m_d, mean + p, var + p, reps + p * R, D, BS, BSP, R, SECOND)
+
+
 _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 
 
@@ -157,32 +294,40 @@ def _p2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def decode_select(state, q: torch.Tensor) -> torch.Tensor:
-    """Selected blocks `[B, H, topk]` int32 (ascending, -1 padded) of the newest token of every sequence."""
+def decode_select(state, q: torch.Tensor, tile: int = 32, chunk: int = 1024) -> torch.Tensor:
+    """Selected blocks `[B, H, topk]` int32 (ascending, -1 padded) of the newest token of every sequence.
+
+    Two launches, no host sync (CUDA-graph capturable): the scoring kernel splits the candidate blocks of
+    every (sequence, KV head) into tiles of ``tile`` blocks (one program each: log estimates, partial
+    log-sum-exp), the selection kernel (one program per (sequence, KV head)) merges the partials, forms the
+    group scores and keeps the top-k of packed (score, block) keys, ``chunk`` blocks at a time.
+    """
     B, HQ, D = q.shape
     H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
     NB_cap = state.mean.shape[1]
-    NBS = NB_cap  # the capacity, not the longest length: no host sync, CUDA-graph capturable
-    lbuf = torch.empty(B, HQ, NBS, dtype=torch.float32, device=q.device)
-    s = torch.empty(B, H, NBS, dtype=torch.float32, device=q.device)
+    NBS = max(NB_cap, 1)  # the capacity, not the longest length: no host sync
+    NT = triton.cdiv(NBS, tile)
+    dev = q.device
+    lbuf = torch.empty(B, HQ, NBS, dtype=torch.float32, device=dev)
+    p_m = torch.empty(B, HQ, NT, dtype=torch.float32, device=dev)
+    p_s = torch.empty_like(p_m)
+    out = torch.empty(B, H, topk, dtype=torch.int32, device=dev)
     R = state.rep_keys
-    spla_decode_fwd_kernel_score[(B * H,)](
-        q.contiguous(), state.mean, state.second, state.reps if R else state.mean, state.lengths, lbuf, s,
-        state.scale, math.log(bs), NB_cap, NBS, HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), R=R, BS=bs,
-        SINK=state.sink_blocks, LOCAL=state.local_blocks, TAYLOR2=state.selection == "taylor2", BJ=64)
-    # blocks past a shorter sequence's end were not written: they are neither forced nor candidates
-    c = (state.lengths - 1) // bs
-    s = torch.where(torch.arange(NBS, device=q.device)[None, None, :] <= c[:, None, None], s, float("-inf"))
-    k = min(topk, NBS)
-    vals, idx = torch.topk(s, k, dim=-1)
-    idx = torch.where(vals > float("-inf"), idx, torch.iinfo(torch.int32).max).sort(-1).values
-    out = torch.full((B, H, topk), -1, dtype=torch.int32, device=q.device)
-    out[..., :k] = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx).to(torch.int32)
+    BG = _p2(G)
+    spla_decode_fwd_kernel_score[(NT, B * H)](
+        q.contiguous(), state.mean, state.second, state.reps if R else state.mean, state.lengths, lbuf, p_m, p_s,
+        state.scale, math.log(bs), NB_cap, NBS, NT, HQ=HQ, H=H, G=G, BG=BG, D=D, BD=_p2(D), R=R, BS=bs,
+        SINK=state.sink_blocks, LOCAL=state.local_blocks, TAYLOR2=state.selection == "taylor2", BJ=tile)
+    KP = _p2(topk, 2)
+    spla_decode_fwd_kernel_select[(B * H,)](
+        lbuf, p_m, p_s, state.lengths, out, NBS, NT, HQ=HQ, H=H, G=G, BG=BG, BS=bs, SINK=state.sink_blocks,
+        LOCAL=state.local_blocks, TOPK=topk, KP=KP, BNT=_p2(NT, 2), BC=max(KP, min(_p2(chunk, 2), _p2(NBS, 2))))
     return out
 
 
 def decode_attend(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
-    """Outputs of the newest token given its selection: ``o_sparse, o_rla [B, HQ, Dv]``, ``rla_mass [B, HQ]``."""
+    """Outputs of the newest token given its selection: ``o_sparse, o_rla [B, HQ, Dv]`` (q's dtype),
+    ``rla_mass [B, HQ]`` fp32. Two launches: split-K attention over the selected blocks, then the combine."""
     B, HQ, D = q.shape
     H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
     Dv, Dl = state.Dv, state.Dl
@@ -192,19 +337,29 @@ def decode_attend(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Te
     p_acc = torch.empty(B, HQ, topk, Dv, dtype=torch.float32, device=dev)
     p_lin = torch.empty_like(p_acc)
     p_cnt = torch.empty(B, H, topk, dtype=torch.int32, device=dev)
+    q, q_lin = q.contiguous(), q_lin.contiguous()
+    meta = dict(HQ=HQ, H=H, G=G, BG=_p2(G), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), TOPK=topk,
+                FMAP=_FMAP[state.fmap])
     spla_decode_fwd_kernel_attn[(B * H, topk)](
-        q.contiguous(), q_lin.contiguous(), state.k, state.v, state.k_lin, indices.contiguous(), state.lengths,
-        p_m, p_l, p_acc, p_lin, p_mass, p_cnt, state.scale, state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D,
-        BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), BS=bs, TOPK=topk, FMAP=_FMAP[state.fmap])
-    # combine the split-K partials by log-sum-exp
-    m = p_m.amax(-1, keepdim=True)
-    w = torch.exp(p_m - m)  # blocks with no visible token have m = -inf -> weight 0
-    o = (w[..., None] * p_acc).sum(2) / (w * p_l).sum(-1, keepdim=True)
-    sel_lin, sel_mass = p_lin.sum(2), p_mass.sum(-1)
-    fq = torch_feature_map(q_lin, state.fmap).view(B, H, G, -1)
-    glob = torch.einsum("bhgf,bhfd->bhgd", fq, state.S).reshape(B, HQ, Dv)
-    gmass = torch.einsum("bhgf,bhf->bhg", fq, state.z).reshape(B, HQ)
-    empty = (p_cnt.sum(-1) == state.lengths[:, None]).repeat_interleave(G, 1)  # [B, HQ]: count, not cancellation
-    o_rla = torch.where(empty[..., None], 0.0, glob - sel_lin)
-    mass = torch.where(empty, 0.0, gmass - sel_mass)
+        q, q_lin, state.k, state.v, state.k_lin, indices.contiguous(), state.lengths, p_m, p_l, p_acc, p_lin,
+        p_mass, p_cnt, state.scale, state.k.shape[1], D=D, BD=_p2(D), BS=bs, **meta)
+    o = torch.empty(B, HQ, Dv, dtype=q.dtype, device=dev)
+    o_rla = torch.empty_like(o)
+    mass = torch.empty(B, HQ, dtype=torch.float32, device=dev)
+    spla_decode_fwd_kernel_combine[(B * H,)](
+        q_lin, state.S, state.z, state.lengths, p_m, p_l, p_acc, p_lin, p_mass, p_cnt, o, o_rla, mass,
+        F=state.S.shape[2], **meta)
     return o, o_rla, mass
+
+
+def decode_append(state, k: torch.Tensor, v: torch.Tensor, k_lin: torch.Tensor) -> None:
+    """Append one token per sequence (`[B, H, *]`) to ``state`` (capacity already reserved), no host sync."""
+    B, H, D = k.shape
+    Dv, Dl, bs = state.Dv, state.Dl, state.block_size
+    R = state.rep_keys
+    spla_decode_fwd_kernel_append[(B * H,)](
+        k.contiguous(), v.contiguous(), k_lin.contiguous(), state.k, state.v, state.k_lin, state.S, state.z,
+        state.mean, state.second, state.reps if R else state.mean, state.lengths, state.k.shape[1],
+        state.mean.shape[1], H=H, D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), F=state.S.shape[2],
+        BS=bs, BSP=_p2(bs), R=R, SECOND=state.selection == "taylor2", FMAP=_FMAP[state.fmap])
+    state.lengths += 1

@@ -85,21 +85,31 @@ def spla_fwd_kernel_stats(
     m_k = m_s[:, None] & m_d[None, :]
     # [BSP, BD]
     b_k = tl.load(k + ((t0 + o_s[:, None]) * H + i_h) * D + o_d[None, :], mask=m_k, other=0.).to(tl.float32)
+    p = (i_b * H + i_h) * D
+    block_stats_tile(b_k, m_k, o_s, o_d, m_d, mean + p, var + p, reps + p * R, D, BS, BSP, R, SECOND)
+
+
+@triton.jit
+def block_stats_tile(b_k, m_k, o_s, o_d, m_d, p_mean, p_var, p_reps, D: tl.constexpr, BS: tl.constexpr,
+                     BSP: tl.constexpr, R: tl.constexpr, SECOND: tl.constexpr):
+    """SPEC §3 statistics of one block's keys ``b_k [BSP, BD]`` (fp32, rows masked by ``m_k``), stored at
+    ``p_mean``/``p_var`` (``[D]``) and ``p_reps`` (``[R, D]``): mean, diagonal variance, and the ``R`` keys
+    farthest from the mean (ties: the lower position)."""
     # [BD]
     b_mean = tl.sum(b_k, 0) / BS
-    tl.store(mean + (i_b * H + i_h) * D + o_d, b_mean, mask=m_d)
+    tl.store(p_mean + o_d, b_mean.to(p_mean.dtype.element_ty), mask=m_d)
     # [BSP, BD]
     b_d = tl.where(m_k, b_k - b_mean[None, :], 0.)
     if SECOND:
-        tl.store(var + (i_b * H + i_h) * D + o_d, tl.sum(b_d * b_d, 0) / BS, mask=m_d)
+        tl.store(p_var + o_d, (tl.sum(b_d * b_d, 0) / BS).to(p_var.dtype.element_ty), mask=m_d)
     if R > 0:
         # [BSP] squared deviation norms; padded rows can never win
-        b_n = tl.where(m_s, tl.sum(b_d * b_d, 1), -1.)
+        b_n = tl.where(o_s < BS, tl.sum(b_d * b_d, 1), -1.)
         for r in tl.static_range(R):
             b_max = tl.max(b_n, 0)
             i_sel = tl.min(tl.where(b_n == b_max, o_s, BSP), 0)
             b_r = tl.sum(tl.where(o_s[:, None] == i_sel, b_k, 0.), 0)
-            tl.store(reps + ((i_b * H + i_h) * R + r) * D + o_d, b_r, mask=m_d)
+            tl.store(p_reps + r * D + o_d, b_r.to(p_reps.dtype.element_ty), mask=m_d)
             b_n = tl.where(o_s == i_sel, -2., b_n)
 
 
