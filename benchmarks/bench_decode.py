@@ -6,29 +6,31 @@
 
 For each (T, batch): the device-to-device copy bandwidth (measured here), dense SDPA decoding over a
 contiguous [B, H, T, D] copy of the cache, FlexAttention decoding (torch.compile) when it compiles, and
-the SPLA step (selection + attention + combine; eager and as a CUDA graph). Bytes each step must read are
-counted: SPLA reads the block statistics, the selected K/V/k_lin blocks and the linear state; dense reads
-all of K and V. Achieved bandwidth = counted bytes / time.
+the whole SPLA step (append the new token to the caches and the linear state, score + top-k, split-K
+attention, combine: five kernels, replayed as a CUDA graph; the graph also restores ``lengths`` so every
+replay decodes position T) with the block statistics stored in fp32 and in bf16, and its stages alone
+(graphs of append / scoring / top-k / split-K attention / combine). Bytes each step must move are counted: SPLA reads the
+block statistics, the selected K/V/k_lin blocks and the linear state (read by the combine, read and written
+by the append); dense reads all of K and V. Achieved bandwidth = counted bytes / time.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
 
 from spla.ops.spla.decode import SPLADecodeState
-from spla.ops.spla.decode_kernels import decode_attend, decode_select
+from spla.ops.spla.decode_kernels import (decode_append, decode_attend, decode_combine, decode_partials, decode_score,
+                                         decode_select, decode_topk)
 from spla.ops.spla.utils import block_stats, feature_map
 
 
-def fill_state(B, T, HQ, H, D, bs, topk, dtype, dev):
+def fill_state(B, T, HQ, H, D, bs, topk, dtype, dev, stats_dtype=None):
     """A decode state holding T random tokens per sequence (statistics computed in bulk, as prefill does)."""
     st = SPLADecodeState(B, H, D, block_size=bs, topk=topk, dtype=dtype, device=dev, capacity=T + bs,
-                         backend="triton")
+                         stats_dtype=stats_dtype, backend="triton")
     g = torch.Generator(device=dev).manual_seed(0)
     for x in (st.k, st.v, st.k_lin):
         x[:, :T] = torch.randn(B, T, H, x.shape[-1], generator=g, device=dev, dtype=dtype)
@@ -40,15 +42,42 @@ def fill_state(B, T, HQ, H, D, bs, topk, dtype, dev):
         st.S[b] = torch.einsum("thf,thd->hfd", fk, st.v[b, :T].float())
         st.z[b] = fk.sum(0)
     st.lengths.fill_(T)
+    st.max_length = T
     return st
 
 
-def spla_bytes(B, T, HQ, H, D, bs, topk, R, elt=2):
+def spla_bytes(B, T, HQ, H, D, bs, topk, R, elt=2, stats_elt=4):
+    """Bytes one SPLA step moves: statistics, selected K/V/k_lin, the state (3 passes), q and outputs."""
     nb = T // bs
-    stats = B * H * nb * D * 4 * (2 + R)
+    stats = B * H * nb * D * stats_elt * (2 + R)
     kv = B * H * topk * bs * (3 * D) * elt  # K, V, k_lin of the selected blocks
-    state = B * H * (2 * D) * (D + 1) * 4
-    return stats + kv + state + B * HQ * 2 * D * elt
+    state = 3 * B * H * (2 * D) * (D + 1) * 4  # combine reads S, z; append reads and writes them
+    return stats + kv + state + B * HQ * 4 * D * elt + B * H * 3 * D * elt
+
+
+def copy_bandwidth(dev, n=1 << 29) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 512 MiB buffer."""
+    x = torch.empty(n, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    return 2 * n / (triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200) * 1e-3)
+
+
+def graph_us(fn):
+    """Median time (us) of ``fn`` captured as a CUDA graph (nan if it cannot be captured)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return triton.testing.do_bench(g.replay, warmup=10, rep=100) * 1e3
+    except Exception as e:  # noqa: BLE001
+        print(f"# CUDA graph capture failed: {type(e).__name__}: {e}")
+        return float("nan")
 
 
 def main():
@@ -65,11 +94,7 @@ def main():
     HQ, H = a.heads
     D, bs, topk = a.dim, a.block_size, a.topk
     name = torch.cuda.get_device_name()
-    x = torch.empty(1 << 29, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    t_copy = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200)
-    copy_bw = 2 * x.numel() / (t_copy * 1e-3)
-    del x, y
+    copy_bw = copy_bandwidth(dev)
     print(f"# {name}; device-to-device copy {copy_bw / 1e12:.2f} TB/s; HQ={HQ} H={H} D={D} bf16, SPLA block {bs} "
           f"top{topk}")
     flex = None
@@ -79,64 +104,78 @@ def main():
             flex = torch.compile(flex_attention, dynamic=False)
         except Exception as e:  # noqa: BLE001
             print(f"# FlexAttention unavailable: {e}")
-    hdr = (f"{'T':>7} {'B':>3} {'dense us':>9} {'dense TB/s':>10} {'flex us':>8} {'spla us':>8} {'graph us':>9} "
-           f"{'x dense':>8} {'spla MB':>8} {'spla TB/s':>9} {'% copy':>7}")
+    hdr = (f"{'T':>7} {'B':>3} {'dense us':>9} {'dense TB/s':>10} {'flex us':>8} {'append':>7} {'score':>7} {'topk':>7} "
+           f"{'attn':>7} {'comb':>7} {'step us':>8} {'x dense':>8} {'MB':>7} {'TB/s':>6} {'%copy':>6} {'bf16st us':>9} "
+           f"{'x dense':>8} {'MB':>7} {'%copy':>6}")
     print(hdr)
     rows = []
     for T in a.lengths:
         for B in a.batches:
-            try:
-                st = fill_state(B, T, HQ, H, D, bs, topk, dtype, dev)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{T:>7} {B:>3}  out of memory building the cache")
-                torch.cuda.empty_cache()
-                continue
+            row = dict(T=T, B=B)
             q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
-            kd = st.k[:, :T].transpose(1, 2).contiguous()  # dense baseline's own contiguous copy
-            vd = st.v[:, :T].transpose(1, 2).contiguous()
-            qd = q[:, :, None]
-            t_dense = triton.testing.do_bench(
-                lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True), warmup=10, rep=100)
-            t_flex = float("nan")
-            if flex is not None:
+            kn, vn, kln = (torch.randn(B, H, D, device=dev, dtype=dtype) for _ in range(3))
+            for tag, sdt in (("fp32", None), ("bf16", torch.bfloat16)):
                 try:
-                    t_flex = triton.testing.do_bench(lambda: flex(qd, kd, vd, enable_gqa=True), warmup=10, rep=100)
-                except Exception as e:  # noqa: BLE001
-                    print(f"# FlexAttention failed at T={T} B={B}: {type(e).__name__}")
-                    flex = None
-            del kd, vd
+                    st = fill_state(B, T, HQ, H, D, bs, topk, dtype, dev, stats_dtype=sdt)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{T:>7} {B:>3}  out of memory building the cache")
+                    torch.cuda.empty_cache()
+                    break
+                if tag == "fp32":
+                    kd = st.k[:, :T].transpose(1, 2).contiguous()  # dense baseline's own contiguous copy
+                    vd = st.v[:, :T].transpose(1, 2).contiguous()
+                    qd = q[:, :, None]
+                    row["dense_us"] = triton.testing.do_bench(
+                        lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True), warmup=10, rep=100) * 1e3
+                    row["flex_us"] = float("nan")
+                    if flex is not None:
+                        try:
+                            row["flex_us"] = triton.testing.do_bench(
+                                lambda: flex(qd, kd, vd, enable_gqa=True), warmup=10, rep=100) * 1e3
+                        except Exception as e:  # noqa: BLE001
+                            print(f"# FlexAttention failed at T={T} B={B}: {type(e).__name__}")
+                            flex = None
+                    del kd, vd
 
-            def step():
-                idx = decode_select(st, q)
-                return decode_attend(st, q, q, idx)
+                def append():
+                    decode_append(st, kn, vn, kln)
+                    st.lengths.sub_(1)  # every replay decodes position T again
 
-            t_spla = triton.testing.do_bench(step, warmup=10, rep=100)
-            t_graph = float("nan")
-            try:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(3):
-                        step()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    step()
-                t_graph = triton.testing.do_bench(g.replay, warmup=10, rep=100)
-            except Exception as e:  # noqa: BLE001
-                print(f"# CUDA graph capture failed: {type(e).__name__}: {e}")
-            best = min(t_spla, t_graph) if not math.isnan(t_graph) else t_spla
-            sb = spla_bytes(B, T, HQ, H, D, bs, topk, st.rep_keys)
+                sc = decode_score(st, q)
+                idx = decode_topk(st, *sc)
+                parts = decode_partials(st, q, q, idx)
+                stages = dict(append=append, score=lambda: decode_score(st, q), topk=lambda: decode_topk(st, *sc),
+                              attn=lambda: decode_partials(st, q, q, idx),
+                              comb=lambda: decode_combine(st, q, parts, q.dtype))
+
+                def step():
+                    decode_append(st, kn, vn, kln)
+                    out = decode_attend(st, q, q, decode_select(st, q))
+                    st.lengths.sub_(1)
+                    return out
+
+                row[f"step_{tag}"] = graph_us(step)
+                if tag == "fp32":
+                    row.update({k: graph_us(f) for k, f in stages.items()})
+                row[f"mb_{tag}"] = spla_bytes(B, T, HQ, H, D, bs, topk, st.rep_keys,
+                                              stats_elt=4 if sdt is None else 2) / 1e6
+                st = None  # free the cache before the next one
+                torch.cuda.empty_cache()
+            if "step_bf16" not in row:
+                continue
             db = B * H * T * 2 * D * 2
-            row = dict(T=T, B=B, dense_us=t_dense * 1e3, flex_us=t_flex * 1e3, spla_us=t_spla * 1e3,
-                       graph_us=t_graph * 1e3, speedup=t_dense / best, spla_mb=sb / 1e6,
-                       spla_tbs=sb / (best * 1e-3) / 1e12, dense_tbs=db / (t_dense * 1e-3) / 1e12)
+            row["dense_tbs"] = db / row["dense_us"] / 1e6
+            for tag in ("fp32", "bf16"):
+                row[f"x_{tag}"] = row["dense_us"] / row[f"step_{tag}"]
+                row[f"tbs_{tag}"] = row[f"mb_{tag}"] / row[f"step_{tag}"]
+                row[f"copy_{tag}"] = 100 * row[f"tbs_{tag}"] * 1e12 / copy_bw
             rows.append(row)
             print(f"{T:>7} {B:>3} {row['dense_us']:>9.1f} {row['dense_tbs']:>10.2f} {row['flex_us']:>8.1f} "
-                  f"{row['spla_us']:>8.1f} {row['graph_us']:>9.1f} {row['speedup']:>8.1f} {row['spla_mb']:>8.1f} "
-                  f"{row['spla_tbs']:>9.2f} {100 * sb / (best * 1e-3) / copy_bw:>6.0f}%", flush=True)
-            del st
-            torch.cuda.empty_cache()
+                  f"{row['append']:>7.1f} {row['score']:>7.1f} {row['topk']:>7.1f} {row['attn']:>7.1f} "
+                  f"{row['comb']:>7.1f} {row['step_fp32']:>8.1f} "
+                  f"{row['x_fp32']:>8.2f} {row['mb_fp32']:>7.1f} {row['tbs_fp32']:>6.2f} {row['copy_fp32']:>5.0f}% "
+                  f"{row['step_bf16']:>9.1f} {row['x_bf16']:>8.2f} {row['mb_bf16']:>7.1f} {row['copy_bf16']:>5.0f}%",
+                  flush=True)
     return rows
 
 

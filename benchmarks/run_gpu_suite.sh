@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU tests, then the benchmarks, logs under $OUT (or ./out).
-#   bash benchmarks/run_gpu_suite.sh [tests|decode|backward|forward|all]...   (default: all)
+#   bash benchmarks/run_gpu_suite.sh [tests|decode|generate|backward|model|forward|all]...   (default: all)
 # fla (for the NSA baseline) is taken from ./.whl when present (see docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,9 @@ for w in $what; do
   case $w in
     tests|all) python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;&
     decode|all) python3 benchmarks/bench_decode.py 2>&1 | tee "$OUT/bench_decode.log" ;;&
+    generate|all) python3 benchmarks/bench_generate.py 2>&1 | tee "$OUT/bench_generate.log" ;;&
     backward|all) [ -f benchmarks/bench_backward.py ] && python3 benchmarks/bench_backward.py 2>&1 | tee "$OUT/bench_backward.log" ;;&
+    model) python3 benchmarks/bench_backward.py --model-step 2>&1 | tee "$OUT/bench_model_step.log" ;;
     forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
   esac
 done

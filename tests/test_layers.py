@@ -170,3 +170,21 @@ def test_gradients_reach_projections_and_merge_weights():
     out.square().sum().backward()
     assert layer.rla_norm.weight.grad is not None and layer.rla_norm.weight.grad.abs().sum() > 0
     assert layer.q_proj.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["op", "blocks"])
+def test_layer_under_bf16_autocast(impl):
+    """Training under bf16 autocast: the projections give bf16 while HF's rotary cos/sin stay fp32; the layer
+    must hand the op one dtype (a GPU training run with `spla train` failed here) and stay close to fp32."""
+    torch.manual_seed(0)
+    cfg = SPLAConfig(block_size=32, topk=3, merge="rattention", impl=impl)
+    layer = SPLAAttention(64, 4, 2, 32, config=cfg)
+    x = torch.randn(1, 100, 64)
+    pos = torch.arange(100)[None]
+    cos, sin = layer._rope(100, 0, pos, x.device, torch.float32)
+    ref = layer(x, (cos, sin))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, (cos, sin))[0]
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert rel_err(out.float(), ref) < 3e-2

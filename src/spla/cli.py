@@ -31,9 +31,10 @@ def _add_spla_options(p: argparse.ArgumentParser, topk: int = 16) -> None:
     g.add_argument("--rep-keys", type=int, default=1, help="representative keys per block, 0..4 (default 1)")
     g.add_argument("--feature-map", default="softmax2", choices=["softmax2", "elu1", "relu2"],
                    help="feature map of the residual linear branch (default softmax2)")
-    g.add_argument("--merge", default="residual", choices=["residual", "rattention"],
+    g.add_argument("--merge", default="residual", choices=["residual", "rattention", "none"],
                    help="residual: o_sparse + RMSNorm_w(o_rla) with w=0 at conversion (default); "
-                        "rattention: RMSNorm(o_sparse) + RMSNorm(o_rla), for training from scratch")
+                        "rattention: RMSNorm(o_sparse) + RMSNorm(o_rla), for training from scratch; "
+                        "none: o_sparse only (top-k block-sparse attention, no residual branch)")
 
 
 # ---------------------------------------------------------------------------------------------- demo

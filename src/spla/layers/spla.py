@@ -12,8 +12,8 @@ Two ways to compute the attention itself (``SPLAConfig.impl``):
 - ``"blocks"``: the selection of the op (``spla.ops.spla.chunk.select_rows`` and the shared block-score definitions of
   ``spla.ops.spla.utils``), then exact softmax attention per query block over the union of the blocks its
   tokens selected, masked per token. It is the fast path on CPU, handles query rows that come after a KV
-  cache (decoding), and skips the linear branch when it cannot contribute (``merge="residual"`` with an
-  all-zero norm weight and no gradient needed: a freshly converted model).
+  cache (decoding), and skips the linear branch when it cannot contribute (``merge="none"``, or
+  ``merge="residual"`` with an all-zero norm weight and no gradient needed: a freshly converted model).
 
 ``"auto"`` (default) takes ``"op"`` on CUDA and ``"blocks"`` elsewhere. Both give the same outputs up to
 fp rounding (``tests/test_layers.py``).
@@ -33,7 +33,7 @@ from spla.ops.spla.chunk import chunk_global_linear_attn, select_rows
 from spla.ops.spla.decode import SPLADecodeState
 from spla.ops.spla.utils import BACKENDS, COVS, FEATURE_MAPS, SELECTIONS, compute_dtype, feature_map
 
-MERGES = ("residual", "rattention")
+MERGES = ("residual", "rattention", "none")
 RLA_NORMS = ("rmsnorm", "mass")
 IMPLS = ("auto", "op", "blocks")
 
@@ -58,9 +58,12 @@ class SPLAConfig:
     Layer options:
         merge: ``"residual"`` (convert a dense model: ``o = o_sparse + RMSNorm_w(o_rla)``, ``w`` = 0 at start,
         so a fresh conversion computes exactly top-k sparse attention) or ``"rattention"``
-        (``o = RMSNorm_a(o_sparse) + RMSNorm_b(o_rla)``, weights 1, for training from scratch).
+        (``o = RMSNorm_a(o_sparse) + RMSNorm_b(o_rla)``, weights 1, for training from scratch) or ``"none"``
+        (``o = o_sparse``: top-k block-sparse attention only, no residual branch and no merge parameters; the
+        baseline SPLA is compared with).
         rla_norm: how ``o_rla`` is normalized before its per-head, per-channel weight: ``"rmsnorm"``
-        (RMS over the head dim, as RAttention) or ``"mass"`` (divide by ``rla_mass``: normalized linear attention).
+        (RMS over the head dim, as RAttention) or ``"mass"`` (divide by ``rla_mass``: normalized linear attention);
+        unused with ``merge="none"``.
         norm_eps: epsilon of those norms. impl: ``"auto"``, ``"op"`` or ``"blocks"`` (see the module docstring).
     """
 
@@ -257,7 +260,9 @@ class SPLAAttention(nn.Module):
         c = self.spla_config
         w = self.q_proj.weight
         kw = dict(device=w.device, dtype=w.dtype if w.dtype.is_floating_point else None)
-        if c.merge == "residual":
+        if c.merge == "none":
+            self.sparse_norm = self.rla_norm = None
+        elif c.merge == "residual":
             self.sparse_norm = None
             self.rla_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=0.0, **kw)
         else:
@@ -306,7 +311,8 @@ class SPLAAttention(nn.Module):
             past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             position_embeddings = self._rope(T, past, position_ids, q.device, q.dtype)
         cos, sin = position_embeddings
-        q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # under autocast q, k, v come out of the projections in the autocast dtype while HF's cos/sin stay fp32
+        q_rope, k_rope = apply_rope(q, cos, sin).to(q.dtype), apply_rope(k, cos, sin).to(k.dtype)
         k_all, k_lin_all, v_all = k_rope, k, v
         if cache is not None and hasattr(cache, "layer_state"):  # an SPLA decode cache (spla.models.SPLACache)
             o = self._cached_attend(cache, q_rope, k_rope, v, q, k, attention_mask)
@@ -341,7 +347,7 @@ class SPLAAttention(nn.Module):
             B, self.num_kv_heads, D, v.shape[-1], k_lin.shape[-1], feature_map=fmap, scale=self.scaling,
             dtype=q.dtype, device=q.device, backend="torch" if backend in ("torch", "naive") else None, **opts),
             n_new=T)
-        if int(state.lengths.max()) == 0:
+        if state.max_length == 0:
             past = cache.get_seq_length(self.layer_idx) - T
             valid = key_padding(attention_mask, B, past + T)
             out = state.prefill(q, k, v, q_lin, k_lin, key_valid=None if valid is None else valid[:, past:])
@@ -350,9 +356,11 @@ class SPLAAttention(nn.Module):
         return self.merge(out.o_sparse, out.o_rla, out.rla_mass)
 
     def merge(self, o_sparse: torch.Tensor, o_rla: torch.Tensor, rla_mass: torch.Tensor) -> torch.Tensor:
-        """Per-head merge of SPEC §6 (fp32)."""
+        """Per-head merge of SPEC §6 (fp32); ``merge="none"`` passes ``o_sparse`` through."""
         c = self.spla_config
         acc = torch.promote_types(o_sparse.dtype, torch.float32)
+        if c.merge == "none":
+            return o_sparse.to(acc)
         if c.rla_norm == "mass":
             r = o_rla.to(acc) / (rla_mass.to(acc)[..., None] + c.norm_eps) * self.rla_norm.weight.to(acc)
         else:
@@ -362,6 +370,8 @@ class SPLAAttention(nn.Module):
 
     def need_rla(self) -> bool:
         """Whether ``o_rla`` can change the output (or a gradient) of this layer."""
+        if self.rla_norm is None:  # merge="none"
+            return False
         if self.sparse_norm is not None:
             return True
         w = self.rla_norm.weight
@@ -385,7 +395,8 @@ class SPLAAttention(nn.Module):
         B, Tq, HQ, _ = q.shape
         Tk, Dv = k.shape[1], v.shape[-1]
         impl = self.resolve_impl(q)
-        need = self.need_rla() or impl == "op"
+        # the op always returns o_rla; its rows computed here match it unless nothing reads them (merge="none")
+        need = self.need_rla() or (impl == "op" and self.rla_norm is not None)
         if impl == "op" and key_valid is None and Tq == Tk:
             out = spla_attn(q, k, v, q_lin, k_lin, scale=self.scaling, cu_seqlens=cu_seqlens,
                             **self.spla_config.op_kwargs())

@@ -100,8 +100,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--cov", default=None, choices=["diag", "full"], help="2nd-order statistic (default diag)")
     s.add_argument("--rep-keys", type=int, default=None, help="representative keys per block, 0..4 (default 1)")
     s.add_argument("--feature-map", default=None, choices=["softmax2", "elu1", "relu2"], help="linear branch phi")
-    s.add_argument("--merge", default=None, choices=["residual", "rattention"],
-                   help="residual (default, for converted models) or rattention (from scratch); only at conversion")
+    s.add_argument("--merge", default=None, choices=["residual", "rattention", "none"],
+                   help="residual (default, for converted models), rattention (from scratch) or none (top-k "
+                        "sparse attention only, no residual branch); only at conversion")
     t.set_defaults(func=run_train)
     return t
 

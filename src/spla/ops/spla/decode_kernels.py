@@ -31,6 +31,18 @@ from spla.ops.spla.parallel import block_stats_tile
 
 
 @triton.jit
+def _newest_token(lengths, i_bh, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+                  BS: tl.constexpr, LOCAL: tl.constexpr):
+    """Where the newest token of (sequence, KV head) ``i_bh`` stands: its own block ``c``, the end ``hi`` of the
+    candidate blocks, and the query rows ``rows [BG]`` (mask ``m_g``) of the KV head's group."""
+    i_b, i_h = i_bh // H, i_bh % H
+    t = tl.load(lengths + i_b).to(tl.int64) - 1
+    c = t // BS
+    o_g = tl.arange(0, BG)
+    return c, c - LOCAL + 1, i_b * HQ + i_h * G + o_g, o_g < G
+
+
+@triton.jit
 def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, scale, log_bs, NB_cap, NBS, NT,
                                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                  D: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
@@ -40,12 +52,7 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, sc
     i_t = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    t = tl.load(lengths + i_b).to(tl.int64) - 1
-    c = t // BS
-    hi = c - LOCAL + 1
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    rows = i_b * HQ + i_h * G + o_g  # [BG]
+    c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
     o_j = i_t * BJ + tl.arange(0, BJ)
     m_j = (o_j >= SINK) & (o_j < hi)
     b_m = tl.full([BG], float("-inf"), tl.float32)
@@ -57,14 +64,14 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, sc
         base = ((i_b * NB_cap + o_j) * H + i_h) * D  # [BJ]
         m_jd = m_j[:, None] & m_d[None, :]
         b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-        b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="ieee") * scale  # [BG, BJ]
+        b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="tf32x3") * scale  # [BG, BJ]
         if TAYLOR2:
             b_var = tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-            b_l += 0.5 * scale * scale * tl.dot(b_q * b_q, tl.trans(b_var), input_precision="ieee")
+            b_l += 0.5 * scale * scale * tl.dot(b_q * b_q, tl.trans(b_var), input_precision="tf32x3")
         for r in tl.static_range(R):
             rbase = (((i_b * NB_cap + o_j) * H + i_h) * R + r) * D
             b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-            b_l = tl.maximum(b_l, tl.dot(b_q, tl.trans(b_rep), input_precision="ieee") * scale - log_bs)
+            b_l = tl.maximum(b_l, tl.dot(b_q, tl.trans(b_rep), input_precision="tf32x3") * scale - log_bs)
         # padded heads get a finite 0 (never stored), non-candidates -inf
         b_l = tl.where(m_g[:, None], b_l, 0.)
         b_l = tl.where(m_j[None, :], b_l, float("-inf"))
@@ -82,13 +89,7 @@ def spla_decode_fwd_kernel_select(lbuf, p_m, p_s, lengths, indices, NBS, NT,
                                   TOPK: tl.constexpr, KP: tl.constexpr, BNT: tl.constexpr, BC: tl.constexpr):
     """Group scores of all blocks of one (sequence, KV head) and their top-k (ascending, -1 padded)."""
     i_bh = tl.program_id(0).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    t = tl.load(lengths + i_b).to(tl.int64) - 1
-    c = t // BS
-    hi = c - LOCAL + 1
-    o_g = tl.arange(0, BG)
-    m_g = o_g < G
-    rows = i_b * HQ + i_h * G + o_g
+    c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
     # per-head log-sum-exp over the candidates from the tiles' partials
     o_n = tl.arange(0, BNT)
     m_gn = m_g[:, None] & (o_n < NT)[None, :]
@@ -191,36 +192,37 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
 @triton.jit
 def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin, p_mass, p_cnt, o, o_rla, rla_mass,
                                    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
-                                   DV: tl.constexpr, BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr,
-                                   F: tl.constexpr, TOPK: tl.constexpr, FMAP: tl.constexpr):
-    """Log-sum-exp combine of the per-block partials, the global term ``phi(q)·S`` and the subtraction."""
+                                   DV: tl.constexpr, BV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr,
+                                   F: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, FMAP: tl.constexpr):
+    """Log-sum-exp combine of the per-block partials, the global term ``phi(q)·S`` and the subtraction, for one
+    (sequence, KV head) and one slice of ``BV`` value channels (the state is read in ``[DL, BV]`` tiles)."""
     i_bh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     t = tl.load(lengths + i_b).to(tl.int64) - 1
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     rows = i_bh * G + o_g  # == i_b * HQ + i_h * G + o_g
-    o_v, o_l = tl.arange(0, BDV), tl.arange(0, BDL)
+    o_v, o_l = i_v * BV + tl.arange(0, BV), tl.arange(0, BDL)
     m_v, m_l = o_v < DV, o_l < DL
     m_gv = m_g[:, None] & m_v[None, :]
     # the exact branch: max over the partials, then rescaled sums
-    b_mx = tl.full([BG], float("-inf"), tl.float32)
-    for s in tl.static_range(TOPK):
-        b_mx = tl.maximum(b_mx, tl.load(p_m + rows * TOPK + s, mask=m_g, other=float("-inf")))
+    o_s = tl.arange(0, KP)
+    m_gs = m_g[:, None] & (o_s < TOPK)[None, :]
+    b_pm = tl.load(p_m + rows[:, None] * TOPK + o_s[None, :], mask=m_gs, other=float("-inf"))  # [BG, TOPK]
+    b_mx = tl.max(b_pm, 1)
     b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
-    b_den = tl.zeros([BG], tl.float32)
-    b_acc = tl.zeros([BG, BDV], tl.float32)
-    b_lin = tl.zeros([BG, BDV], tl.float32)
-    b_mass = tl.zeros([BG], tl.float32)
-    n_sel = 0
+    b_w = tl.exp(b_pm - b_mx[:, None])
+    b_den = tl.sum(b_w * tl.load(p_l + rows[:, None] * TOPK + o_s[None, :], mask=m_gs, other=0.), 1)
+    b_mass = tl.sum(tl.load(p_mass + rows[:, None] * TOPK + o_s[None, :], mask=m_gs, other=0.), 1)
+    n_sel = tl.sum(tl.load(p_cnt + i_bh * TOPK + o_s, mask=o_s < TOPK, other=0), 0)
+    b_acc = tl.zeros([BG, BV], tl.float32)
+    b_lin = tl.zeros([BG, BV], tl.float32)
     for s in tl.static_range(TOPK):
-        b_w = tl.exp(tl.load(p_m + rows * TOPK + s, mask=m_g, other=float("-inf")) - b_mx)
-        b_den += b_w * tl.load(p_l + rows * TOPK + s, mask=m_g, other=0.)
+        b_ws = tl.sum(tl.where(o_s[None, :] == s, b_w, 0.), 1)
         po = (rows * TOPK + s)[:, None] * DV + o_v[None, :]
-        b_acc += b_w[:, None] * tl.load(p_acc + po, mask=m_gv, other=0.)
+        b_acc += b_ws[:, None] * tl.load(p_acc + po, mask=m_gv, other=0.)
         b_lin += tl.load(p_lin + po, mask=m_gv, other=0.)
-        b_mass += tl.load(p_mass + rows * TOPK + s, mask=m_g, other=0.)
-        n_sel += tl.load(p_cnt + i_bh * TOPK + s)
     b_o = b_acc / tl.where(b_den > 0, b_den, 1.)[:, None]
     tl.store(o + rows[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_gv)
     # the global linear term from the state; zero where every visible token was selected (counted)
@@ -228,17 +230,18 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     f1, f2 = _phi(b_ql, m_l, FMAP)
     m_lv = m_l[:, None] & m_v[None, :]
     sb = S + i_bh * F * DV
-    b_S1 = tl.load(sb + o_l[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
-    b_glob = tl.dot(f1, b_S1, input_precision="ieee")
+    b_S = tl.load(sb + o_l[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
+    b_glob = tl.dot(f1, b_S, input_precision="tf32x3")
     b_gm = tl.sum(f1 * tl.load(z + i_bh * F + o_l, mask=m_l, other=0.)[None, :], 1)
     if F > DL:
-        b_S2 = tl.load(sb + (DL + o_l)[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
-        b_glob += tl.dot(f2, b_S2, input_precision="ieee")
+        b_S = tl.load(sb + (DL + o_l)[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
+        b_glob += tl.dot(f2, b_S, input_precision="tf32x3")
         b_gm += tl.sum(f2 * tl.load(z + i_bh * F + DL + o_l, mask=m_l, other=0.)[None, :], 1)
     empty = n_sel == t + 1
     b_r = tl.where(empty, 0., b_glob - b_lin)
     tl.store(o_rla + rows[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_gv)
-    tl.store(rla_mass + rows, tl.where(empty, 0., b_gm - b_mass), mask=m_g)
+    if i_v == 0:
+        tl.store(rla_mass + rows, tl.where(empty, 0., b_gm - b_mass), mask=m_g)
 
 
 @triton.jit
@@ -294,6 +297,39 @@ def _p2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
+def decode_score(state, q: torch.Tensor, tile: int = 32):
+    """Stage 1 of the selection: log estimates ``lbuf [B, HQ, NB_cap]`` of the candidate blocks and the
+    partial log-sum-exps ``p_m, p_s [B, HQ, NT]`` of their tiles of ``tile`` blocks (one program per tile)."""
+    B, HQ, D = q.shape
+    H, G, bs = state.H, HQ // state.H, state.block_size
+    NB_cap = state.mean.shape[1]
+    NBS = max(NB_cap, 1)  # the capacity, not the longest length: no host sync
+    NT = triton.cdiv(NBS, tile)
+    lbuf = torch.empty(B, HQ, NBS, dtype=torch.float32, device=q.device)
+    p_m = torch.empty(B, HQ, NT, dtype=torch.float32, device=q.device)
+    p_s = torch.empty_like(p_m)
+    R = state.rep_keys
+    spla_decode_fwd_kernel_score[(NT, B * H)](
+        q.contiguous(), state.mean, state.second, state.reps if R else state.mean, state.lengths, lbuf, p_m, p_s,
+        state.scale, math.log(bs), NB_cap, NBS, NT, HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), R=R, BS=bs,
+        SINK=state.sink_blocks, LOCAL=state.local_blocks, TAYLOR2=state.selection == "taylor2", BJ=tile)
+    return lbuf, p_m, p_s
+
+
+def decode_topk(state, lbuf: torch.Tensor, p_m: torch.Tensor, p_s: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Stage 2 of the selection: the top-k blocks `[B, H, topk]` int32 (ascending, -1 padded) from the scores."""
+    B, HQ, NBS = lbuf.shape
+    H, topk = state.H, state.topk
+    NT = p_m.shape[-1]
+    out = torch.empty(B, H, topk, dtype=torch.int32, device=lbuf.device)
+    KP = _p2(topk, 2)
+    spla_decode_fwd_kernel_select[(B * H,)](
+        lbuf, p_m, p_s, state.lengths, out, NBS, NT, HQ=HQ, H=H, G=HQ // H, BG=_p2(HQ // H), BS=state.block_size,
+        SINK=state.sink_blocks, LOCAL=state.local_blocks, TOPK=topk, KP=KP, BNT=_p2(NT, 2),
+        BC=max(KP, min(_p2(chunk, 2), _p2(NBS, 2))))
+    return out
+
+
 def decode_select(state, q: torch.Tensor, tile: int = 32, chunk: int = 1024) -> torch.Tensor:
     """Selected blocks `[B, H, topk]` int32 (ascending, -1 padded) of the newest token of every sequence.
 
@@ -302,32 +338,11 @@ def decode_select(state, q: torch.Tensor, tile: int = 32, chunk: int = 1024) -> 
     log-sum-exp), the selection kernel (one program per (sequence, KV head)) merges the partials, forms the
     group scores and keeps the top-k of packed (score, block) keys, ``chunk`` blocks at a time.
     """
-    B, HQ, D = q.shape
-    H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
-    NB_cap = state.mean.shape[1]
-    NBS = max(NB_cap, 1)  # the capacity, not the longest length: no host sync
-    NT = triton.cdiv(NBS, tile)
-    dev = q.device
-    lbuf = torch.empty(B, HQ, NBS, dtype=torch.float32, device=dev)
-    p_m = torch.empty(B, HQ, NT, dtype=torch.float32, device=dev)
-    p_s = torch.empty_like(p_m)
-    out = torch.empty(B, H, topk, dtype=torch.int32, device=dev)
-    R = state.rep_keys
-    BG = _p2(G)
-    spla_decode_fwd_kernel_score[(NT, B * H)](
-        q.contiguous(), state.mean, state.second, state.reps if R else state.mean, state.lengths, lbuf, p_m, p_s,
-        state.scale, math.log(bs), NB_cap, NBS, NT, HQ=HQ, H=H, G=G, BG=BG, D=D, BD=_p2(D), R=R, BS=bs,
-        SINK=state.sink_blocks, LOCAL=state.local_blocks, TAYLOR2=state.selection == "taylor2", BJ=tile)
-    KP = _p2(topk, 2)
-    spla_decode_fwd_kernel_select[(B * H,)](
-        lbuf, p_m, p_s, state.lengths, out, NBS, NT, HQ=HQ, H=H, G=G, BG=BG, BS=bs, SINK=state.sink_blocks,
-        LOCAL=state.local_blocks, TOPK=topk, KP=KP, BNT=_p2(NT, 2), BC=max(KP, min(_p2(chunk, 2), _p2(NBS, 2))))
-    return out
+    return decode_topk(state, *decode_score(state, q, tile), chunk=chunk)
 
 
-def decode_attend(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
-    """Outputs of the newest token given its selection: ``o_sparse, o_rla [B, HQ, Dv]`` (q's dtype),
-    ``rla_mass [B, HQ]`` fp32. Two launches: split-K attention over the selected blocks, then the combine."""
+def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
+    """Split-K partials of the newest token over its selected blocks (one program per selected block)."""
     B, HQ, D = q.shape
     H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
     Dv, Dl = state.Dv, state.Dl
@@ -337,19 +352,32 @@ def decode_attend(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Te
     p_acc = torch.empty(B, HQ, topk, Dv, dtype=torch.float32, device=dev)
     p_lin = torch.empty_like(p_acc)
     p_cnt = torch.empty(B, H, topk, dtype=torch.int32, device=dev)
-    q, q_lin = q.contiguous(), q_lin.contiguous()
-    meta = dict(HQ=HQ, H=H, G=G, BG=_p2(G), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), TOPK=topk,
-                FMAP=_FMAP[state.fmap])
     spla_decode_fwd_kernel_attn[(B * H, topk)](
-        q, q_lin, state.k, state.v, state.k_lin, indices.contiguous(), state.lengths, p_m, p_l, p_acc, p_lin,
-        p_mass, p_cnt, state.scale, state.k.shape[1], D=D, BD=_p2(D), BS=bs, **meta)
-    o = torch.empty(B, HQ, Dv, dtype=q.dtype, device=dev)
+        q.contiguous(), q_lin.contiguous(), state.k, state.v, state.k_lin, indices.contiguous(), state.lengths,
+        p_m, p_l, p_acc, p_lin, p_mass, p_cnt, state.scale, state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D,
+        BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), BS=bs, TOPK=topk, FMAP=_FMAP[state.fmap])
+    return p_m, p_l, p_acc, p_lin, p_mass, p_cnt
+
+
+def decode_combine(state, q_lin: torch.Tensor, partials, out_dtype: torch.dtype):
+    """``o_sparse, o_rla [B, HQ, Dv]`` (``out_dtype``) and ``rla_mass [B, HQ]`` fp32 from the partials and the state."""
+    B, HQ, Dl = q_lin.shape
+    H, topk, Dv = state.H, state.topk, state.Dv
+    o = torch.empty(B, HQ, Dv, dtype=out_dtype, device=q_lin.device)
     o_rla = torch.empty_like(o)
-    mass = torch.empty(B, HQ, dtype=torch.float32, device=dev)
-    spla_decode_fwd_kernel_combine[(B * H,)](
-        q_lin, state.S, state.z, state.lengths, p_m, p_l, p_acc, p_lin, p_mass, p_cnt, o, o_rla, mass,
-        F=state.S.shape[2], **meta)
+    mass = torch.empty(B, HQ, dtype=torch.float32, device=q_lin.device)
+    BV = min(_p2(Dv), 32)
+    spla_decode_fwd_kernel_combine[(B * H, triton.cdiv(Dv, BV))](
+        q_lin.contiguous(), state.S, state.z, state.lengths, *partials, o, o_rla, mass, HQ=HQ, H=H, G=HQ // H,
+        BG=_p2(HQ // H), DV=Dv, BV=BV, DL=Dl, BDL=_p2(Dl), F=state.S.shape[2], TOPK=topk, KP=_p2(topk, 2),
+        FMAP=_FMAP[state.fmap])
     return o, o_rla, mass
+
+
+def decode_attend(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
+    """Outputs of the newest token given its selection: ``o_sparse, o_rla [B, HQ, Dv]`` (q's dtype),
+    ``rla_mass [B, HQ]`` fp32. Two launches: split-K attention over the selected blocks, then the combine."""
+    return decode_combine(state, q_lin, decode_partials(state, q, q_lin, indices), q.dtype)
 
 
 def decode_append(state, k: torch.Tensor, v: torch.Tensor, k_lin: torch.Tensor) -> None:
