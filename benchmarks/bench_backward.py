@@ -8,7 +8,8 @@ B=1, bf16, D=Dv=128, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 represen
 (and for SPLA of both outputs o_sparse and o_rla) with ``torch.autograd.grad``; CUDA-event medians after warm-up.
 Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-major) and the atomic key-gradient
 pass, SDPA causal (flash backend, K/V expanded to the query heads outside the timing), fla ``parallel_nsa``
-(G >= 16 only: HQ=64/H=4), speedups, and the peak memory of one forward+backward (SPLA and SDPA, 64k and 128k,
+(G >= 16 only: HQ=64/H=4), FlexAttention (compiled, causal block-sparse mask of the same token budget given in
+advance: 8 blocks of 128 per 128-query block, ``benchmarks/peers.py``), speedups, and the peak memory of one forward+backward (SPLA and SDPA, 64k and 128k,
 HQ=32/H=8) above the inputs.
 ``--model-step``: one training step (forward, backward, AdamW) of an 8-layer Llama-style model (d_model 1024,
 16 query / 4 KV heads of 64, SwiGLU 2816, vocab 32000, bf16 weights) at T=64k, SPLA attention
@@ -173,6 +174,18 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True):
     except torch.OutOfMemoryError:
         rec["sdpa_fwdbwd_ms"] = "OOM"
     torch.cuda.empty_cache()
+    try:  # FlexAttention, block-sparse mask of the same token budget given in advance (benchmarks/peers.py)
+        from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
+        mask = flex_block_mask(T, 128, TOPK * BS // 128, device="cuda")
+        fx = flex_attention_fn()
+        do = torch.randn_like(q)
+
+        def flex_fb():
+            return torch.autograd.grad(flex_block_sparse(fx, q, k, v, mask, D ** -0.5), [q, k, v], do)
+        rec["flex_fwdbwd_ms"] = timeit(flex_fb, budget_s, warmup=2)
+    except Exception:
+        traceback.print_exc()
+    torch.cuda.empty_cache()
     if nsa is not None and G >= 16 and G & (G - 1) == 0:
         try:
             g_cmp = torch.rand(1, T, HQ, device="cuda", dtype=q.dtype)
@@ -185,7 +198,7 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True):
             rec["nsa_fwdbwd_ms"] = timeit(nsa_fb, budget_s, warmup=1)
         except Exception:
             traceback.print_exc()
-    for n in ("sdpa", "nsa"):
+    for n in ("sdpa", "nsa", "flex"):
         x = rec.get(f"{n}_fwdbwd_ms")
         if isinstance(x, float) and isinstance(rec.get("spla_fwdbwd_ms"), float):
             rec[f"speedup_{n}"] = x / rec["spla_fwdbwd_ms"]
@@ -389,7 +402,8 @@ def main():
     out = [f"GPU: {name}; B=1, bf16, D=128, block {BS}, top-{TOPK}; times in ms (fwd+bwd = forward + gradients of "
            f"q, k, v), peak memory in GiB above the inputs", ""]
     out.append(table(rows, ["T", "HQ", "H", "spla_fwd_ms", "spla_fwdbwd_ms", "spla_fwdbwd_atomic_ms",
-                            "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "speedup_sdpa", "speedup_nsa", "note"]))
+                            "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa", "speedup_nsa",
+                            "speedup_flex", "note"]))
     if mem_rows:
         out += ["", table(mem_rows, ["T", "HQ", "H", "spla_peak_gib", "sdpa_peak_gib", "note"])]
     if model_rows:

@@ -1,5 +1,5 @@
 # -*- coding: utf-8 -*-
-"""Forward benchmark of SPLA's Triton backend beside torch SDPA (flash) and fla's ``parallel_nsa``.
+"""Forward benchmark of SPLA's Triton backend beside torch SDPA (flash), FlexAttention and fla's ``parallel_nsa``.
 
     python benchmarks/bench_forward.py [--T 4096 8192 ...] [--heads 32,8 64,4] [--out DIR]
 
@@ -8,6 +8,8 @@ B=1, bf16, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key
 attention (feature maps + chunked state), sparse attention with the fused selected-linear term and residual.
 FLOPs are counted from the actual selection (keys visited, candidates scored); the floor is
 ``max(FLOPs / matmul rate, minimal bytes / copy bandwidth)`` with both ceilings measured in the same run.
+FlexAttention: compiled ``flex_attention`` under a causal block-sparse mask of the same token budget, given in
+advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_vs_flex`` = our sparse stage / it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
@@ -126,6 +129,14 @@ def run_one(T, HQ, H, D, peak, bw, rows):
         rec["sdpa_tflops"] = 4 * T * T / 2 * D * HQ / rec["sdpa_ms"] / 1e9
         del kt, vt
         rec["speedup_sdpa"] = rec["sdpa_ms"] / total
+        rec["flex_ms"] = float("nan")
+        try:
+            mask = flex_block_mask(T, 128, TOPK * BS // 128, device="cuda")
+            fx = flex_attention_fn()
+            rec["flex_ms"] = bench(lambda: flex_block_sparse(fx, q, k, v, mask, scale))
+        except Exception:
+            traceback.print_exc()
+        rec["sparse_vs_flex"] = rec["sparse_ms"] / rec["flex_ms"]
         rec["nsa_ms"] = float("nan")
         if G >= 16 and G & (G - 1) == 0:
             try:
@@ -143,7 +154,7 @@ def run_one(T, HQ, H, D, peak, bw, rows):
 
 
 COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
-        "speedup_sdpa", "speedup_nsa", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms", "select_r64_ms",
+        "flex_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms", "select_r64_ms",
         "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "dense_kernels_ms"]
 
 

@@ -26,8 +26,12 @@ def _poisoned(fn):
 
 
 @pytest.fixture(autouse=True)
-def poison_empty(monkeypatch):
-    """NaN-fill torch.empty / empty_like so that any output a kernel forgets to write shows up."""
+def poison_empty(monkeypatch, request):
+    """NaN-fill torch.empty / empty_like so that any output a kernel forgets to write shows up (not for tests
+    marked ``no_poison``: torch.compile's own allocations must stay untouched)."""
+    if request.node.get_closest_marker("no_poison"):
+        yield
+        return
     monkeypatch.setattr(torch, "empty", _poisoned(_empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(_empty_like))
     monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(_new_empty))

@@ -1,0 +1,71 @@
+# -*- coding: utf-8 -*-
+"""The peer baselines the benchmarks time beside SPLA compute what they claim (CPU, eager, small shapes)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.peers import flex_attention_fn, flex_block_mask, flex_block_sparse
+from tests.utils import rel_err
+
+
+def test_flex_block_mask_has_spla_budget_and_matches_masked_sdpa():
+    """8 blocks of 128 per 128-query block (own + sink + previous + random earlier), i.e. the 1024 tokens of
+    SPLA's top-16 x 64; FlexAttention under it equals SDPA with the same mask written densely."""
+    T, blk = 1280, 128
+    mask = flex_block_mask(T, blk, kv_blocks=8)
+    dense = mask.to_dense()[0, 0].bool()  # [NQ, NKV] blocks each query block reads
+    nq = T // blk
+    for i in range(nq):
+        row = dense[i].nonzero().flatten().tolist()
+        assert row[-1] == i and all(j <= i for j in row)
+        assert len(row) == min(i + 1, 8)
+        if i >= 1:
+            assert 0 in row and i - 1 in row
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, T, 8, 32), torch.randn(1, T, 2, 32), torch.randn(1, T, 2, 32)
+    out = flex_block_sparse(flex_attention_fn(compile=False), q, k, v, mask)
+    tok = dense.repeat_interleave(blk, 0).repeat_interleave(blk, 1) & torch.ones(T, T, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(4, 2).transpose(1, 2),
+                                         v.repeat_interleave(4, 2).transpose(1, 2), attn_mask=tok).transpose(1, 2)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("T,kv_blocks", [(1000, 8), (1024, 2)])
+def test_flex_block_mask_rejects_bad_arguments(T, kv_blocks):
+    with pytest.raises(ValueError):
+        flex_block_mask(T, 128, kv_blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.no_poison
+def test_flex_block_sparse_compiled_matches_eager():
+    """The compiled kernel (what the GPU benchmarks time) skips blocks by the block lists: same output."""
+    T = 1280
+    mask = flex_block_mask(T, 128, kv_blocks=8)
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, T, 4, 32), torch.randn(1, T, 2, 32), torch.randn(1, T, 2, 32)
+    ref = flex_block_sparse(flex_attention_fn(compile=False), q, k, v, mask)
+    out = flex_block_sparse(flex_attention_fn(compile=True), q, k, v, mask)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.no_poison
+def test_flex_block_sparse_backward_reaches_inputs():
+    """The forward+backward benchmark differentiates the compiled Flex baseline (no CPU backward in torch):
+    gradients reach q, k and v and match those of SDPA under the same mask written densely."""
+    T = 1280
+    mask = flex_block_mask(T, 128, kv_blocks=8, device="cuda")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, T, h, 64, device="cuda", requires_grad=True) for h in (8, 2, 2))
+    out = flex_block_sparse(flex_attention_fn(), q, k, v, mask)
+    grads = torch.autograd.grad(out.square().sum(), [q, k, v])
+    blocks = mask.to_dense()[0, 0].bool()
+    tok = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1) & torch.ones(T, T, dtype=torch.bool,
+                                                                                  device="cuda").tril()
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(4, 2).transpose(1, 2),
+                                         v.repeat_interleave(4, 2).transpose(1, 2), attn_mask=tok).transpose(1, 2)
+    refs = torch.autograd.grad(ref.square().sum(), [q, k, v])
+    for g, r in zip(grads, refs):
+        assert rel_err(g, r) < 1e-2
