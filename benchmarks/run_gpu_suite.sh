@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU tests, then the benchmarks, logs under $OUT (or ./out).
-#   bash benchmarks/run_gpu_suite.sh [tests|decode|generate|backward|model|forward|all]...   (default: all)
+#   bash benchmarks/run_gpu_suite.sh [tests|decode|generate|backward|model|forward|pending|all]...   (default: all)
 # fla (for the NSA baseline) is taken from ./.whl when present (see docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,9 @@ for w in $what; do
     generate|all) python3 benchmarks/bench_generate.py 2>&1 | tee "$OUT/bench_generate.log" ;;&
     backward|all) [ -f benchmarks/bench_backward.py ] && python3 benchmarks/bench_backward.py 2>&1 | tee "$OUT/bench_backward.log" ;;&
     model) python3 benchmarks/bench_backward.py --model-step 2>&1 | tee "$OUT/bench_model_step.log" ;;
+    pending) # what no GPU has run yet: the Flex baselines of the forward/backward grids, 64k for 64/4 heads
+      timeout 240 python3 benchmarks/bench_forward.py --T 8192 65536 131072 --heads 32,8 64,4 --out "$OUT" 2>&1 | tee "$OUT/bench_forward_pending.log"
+      timeout 240 python3 benchmarks/bench_backward.py --T 65536 --heads 64,4 32,8 --mem-T --no-atomic --budget 200 --out "$OUT" 2>&1 | tee "$OUT/bench_backward_pending.log" ;;
     forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
   esac
 done
