@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from spla import spla_attn
 from spla.ops.spla.naive import _naive_block_log_scores
 from spla.ops.spla.utils import candidate_range, forced_blocks
-from tests.utils import assert_close, make_inputs
+from tests.utils import assert_close, make_inputs, rel_err
 
 OUTS = ("o_sparse", "o_rla", "rla_mass")
 
@@ -231,3 +231,24 @@ def test_no_gradient_through_selection():
     (out.o_sparse.sum() + out.o_rla.sum()).backward()
     for x in (q, k, v, ql, kl):
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_topk_attn_is_the_sparse_branch_alone(backend):
+    """topk_attn = spla_attn's o_sparse and indices with o_rla / rla_mass exactly 0; q, k, v gradients of o_sparse."""
+    from spla import topk_attn
+    q, k, v = make_inputs(1, 75, 6, 2, 32, dtype=torch.float64, requires_grad=False, seed=4)[:3]
+    opts = dict(block_size=16, topk=3, sink_blocks=1, local_blocks=1, backend=backend)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = topk_attn(*leaves, **opts)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = spla_attn(*ref_leaves, **opts)
+    assert torch.equal(out.indices, ref.indices)
+    assert rel_err(out.o_sparse, ref.o_sparse) < 1e-12
+    assert torch.count_nonzero(out.o_rla) == 0 and torch.count_nonzero(out.rla_mass) == 0
+    w = torch.randn_like(out.o_sparse)
+    for g, r in zip(torch.autograd.grad((out.o_sparse * w).sum(), leaves),
+                    torch.autograd.grad((ref.o_sparse * w).sum(), ref_leaves)):
+        assert rel_err(g, r) < 1e-10
+    with pytest.raises(ValueError, match="topk"):
+        topk_attn(q, k, v, topk=1, sink_blocks=1, local_blocks=1)

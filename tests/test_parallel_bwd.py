@@ -200,3 +200,29 @@ def test_gpu_backward_memory_linear():
     assert peaks[65536] <= 4.6 * peaks[16384], peaks
     # one bf16 T x T score matrix of a single head at 64k would be 8 GiB
     assert peaks[65536] < 24 * 2 ** 30, peaks
+
+
+@pytest.mark.parametrize("T,HQ,H,cu", [(83, 4, 2, None), (67, 8, 1, None), (91, 4, 2, (0, 37, 91))])
+def test_topk_attn_triton_matches_spla_sparse_branch(T, HQ, H, cu, monkeypatch):
+    """topk_attn (no linear branch: the Triton kernels run with LIN=False, forward and backward) gives
+    spla_attn's o_sparse and indices, zero o_rla / rla_mass, and the gradients of q, k, v that o_sparse alone
+    gives (torch backend's autograd), for the KV-major (G=2) and token-major (G=8) forward, both key-gradient
+    passes, and a packed batch."""
+    from spla import topk_attn
+    opts = dict(block_size=16, topk=3, sink_blocks=1, local_blocks=1, selection="oracle")
+    cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
+    q, k, v, _, _ = _inputs(T, HQ, H, 64, seed=T)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = spla_attn(*ref_leaves, backend="torch", cu_seqlens=cu_t, **opts)
+    w = torch.randn(ref.o_sparse.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref_g = torch.autograd.grad((ref.o_sparse * w).sum(), ref_leaves)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = topk_attn(*leaves, backend="triton", cu_seqlens=cu_t, **opts)
+    assert torch.equal(out.indices, ref.indices)
+    assert_close("o_sparse", out.o_sparse, ref.o_sparse, 1e-5)
+    assert torch.count_nonzero(out.o_rla) == 0 and torch.count_nonzero(out.rla_mass) == 0
+    loss = (out.o_sparse * w).sum()
+    for det in (True, False):
+        monkeypatch.setattr(P, "DETERMINISTIC", det)
+        for name, g, r in zip(NAMES, torch.autograd.grad(loss, leaves, retain_graph=True), ref_g):
+            assert_close(f"d{name} (deterministic={det})", g, r, 1e-4)

@@ -4,10 +4,10 @@
 import importlib.util as _ilu
 
 from spla.layers import SPLAAttention, SPLAConfig
-from spla.ops import SPLAOutput, spla_attn
+from spla.ops import SPLAOutput, spla_attn, topk_attn
 
 __version__ = "0.1.0"
-__all__ = ["spla_attn", "SPLAOutput", "SPLAConfig", "SPLAAttention", "convert", "load", "__version__"]
+__all__ = ["spla_attn", "topk_attn", "SPLAOutput", "SPLAConfig", "SPLAAttention", "convert", "load", "__version__"]
 
 if _ilu.find_spec("transformers") is not None:
     # HF integration: `convert`, `load`, and AutoModelForCausalLM.from_pretrained on saved SPLA models

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from spla.ops import spla_attn
+from spla.ops import spla_attn, topk_attn
 from spla.ops.spla.chunk import chunk_global_linear_attn, select_rows
 from spla.ops.spla.decode import SPLADecodeState
 from spla.ops.spla.utils import BACKENDS, COVS, FEATURE_MAPS, SELECTIONS, compute_dtype, feature_map
@@ -395,11 +395,10 @@ class SPLAAttention(nn.Module):
         B, Tq, HQ, _ = q.shape
         Tk, Dv = k.shape[1], v.shape[-1]
         impl = self.resolve_impl(q)
-        # the op always returns o_rla; its rows computed here match it unless nothing reads them (merge="none")
+        # the op returns o_rla (zero for merge="none"); rows computed here match it unless nothing reads them
         need = self.need_rla() or (impl == "op" and self.rla_norm is not None)
         if impl == "op" and key_valid is None and Tq == Tk:
-            out = spla_attn(q, k, v, q_lin, k_lin, scale=self.scaling, cu_seqlens=cu_seqlens,
-                            **self.spla_config.op_kwargs())
+            out = self.op(q, k, v, q_lin, k_lin, cu_seqlens)
             return out.o_sparse, out.o_rla, out.rla_mass
         acc = compute_dtype(q.dtype)
         o_sparse = q.new_zeros(B, Tq, HQ, Dv, dtype=acc)
@@ -421,12 +420,21 @@ class SPLAAttention(nn.Module):
                     continue
                 args = (q[b, rows], k[b, kidx], v[b, kidx], q_lin[b, rows], k_lin[b, kidx])
                 if impl == "op" and n == L:
-                    out = spla_attn(*(x[None] for x in args), scale=self.scaling, **self.spla_config.op_kwargs())
+                    out = self.op(*(x[None] for x in args))
                     res = (out.o_sparse[0], out.o_rla[0], out.rla_mass[0])
                 else:
                     res = self.blocks_attend(*args, need_rla=need)
                 o_sparse[b, rows], o_rla[b, rows], mass[b, rows] = (r.to(acc) for r in res)
         return o_sparse, o_rla, mass
+
+    def op(self, q, k, v, q_lin, k_lin, cu_seqlens: Optional[torch.Tensor] = None):
+        """The operator with this layer's options: :func:`spla.spla_attn`, or :func:`spla.topk_attn` (no linear
+        branch computed at all) for ``merge="none"``."""
+        opts = self.spla_config.op_kwargs()
+        if self.spla_config.merge == "none":
+            opts.pop("feature_map")
+            return topk_attn(q, k, v, scale=self.scaling, cu_seqlens=cu_seqlens, **opts)
+        return spla_attn(q, k, v, q_lin, k_lin, scale=self.scaling, cu_seqlens=cu_seqlens, **opts)
 
     # ------------------------------------------------------------------ the "blocks" path
     @torch.no_grad()

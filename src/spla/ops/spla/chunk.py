@@ -284,13 +284,17 @@ def selected_token_count(indices: torch.Tensor, block_size: int, cu_seqlens: Opt
 def chunk_spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: torch.Tensor, k_lin: torch.Tensor,
                     *, block_size: int, topk: int, sink_blocks: int, local_blocks: int, selection: str, cov: str,
                     rep_keys: int, feature_map_name: str, scale: float,
-                    cu_seqlens: Optional[torch.Tensor] = None) -> SPLAOutput:
-    """The torch backend of :func:`spla.spla_attn` (arguments already validated and defaulted)."""
+                    cu_seqlens: Optional[torch.Tensor] = None, residual: bool = True) -> SPLAOutput:
+    """The torch backend of :func:`spla.spla_attn` (arguments already validated and defaulted);
+    ``residual=False``: :func:`spla.topk_attn` (no global linear term; o_rla, rla_mass zero)."""
     indices = chunk_spla_select(q, k, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
                                 local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
                                 scale=scale, cu_seqlens=cu_seqlens)
     o_sparse, sel_lin, sel_mass = SparseSelectedFunction.apply(q, k, v, q_lin, k_lin, indices, block_size, scale,
                                                                feature_map_name, cu_seqlens)
+    if not residual:
+        o = o_sparse.to(q.dtype)
+        return SPLAOutput(o, torch.zeros_like(o), torch.zeros_like(sel_mass), indices)
     glob, glob_mass = chunk_global_linear_attn(feature_map(q_lin, feature_map_name),
                                                feature_map(k_lin, feature_map_name), v, cu_seqlens)
     return finish_residual(q, o_sparse, glob, glob_mass, sel_lin, sel_mass, indices, block_size, cu_seqlens)

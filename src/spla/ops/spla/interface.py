@@ -1,5 +1,6 @@
 # -*- coding: utf-8 -*-
-"""The public entry point :func:`spla_attn`: validation (SPEC §5) and backend dispatch."""
+"""The public entry points :func:`spla_attn` (SPEC §5) and :func:`topk_attn` (its top-k branch alone):
+validation and backend dispatch."""
 
 from __future__ import annotations
 
@@ -158,6 +159,41 @@ def spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: Optional
     validate_inputs(q, k, v, q_lin, k_lin, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
                     local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
                     feature_map=feature_map, scale=scale, cu_seqlens=cu_seqlens, backend=backend)
+    return _dispatch(q, k, v, q_lin, k_lin, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
+                     local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
+                     feature_map=feature_map, scale=scale, cu_seqlens=cu_seqlens, backend=backend, residual=True)
+
+
+def topk_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, topk: int = 16,
+              sink_blocks: int = 1, local_blocks: int = 2, selection: str = "taylor2", cov: str = "diag",
+              rep_keys: int = 1, scale: Optional[float] = None, cu_seqlens: Optional[torch.LongTensor] = None,
+              backend: Optional[str] = None) -> SPLAOutput:
+    r"""Top-k block-sparse attention alone: SPLA's selection and exact attention over the selected blocks,
+    without the residual linear branch (the NSA / MoBA / InfLLM-V2 family that SPLA is compared with).
+
+    Same arguments, layout (`[B, T, H, D]`, ``cu_seqlens`` for packed batches) and selection as
+    :func:`spla_attn`, less ``q_lin``, ``k_lin`` and ``feature_map``. The linear branch is not computed (the
+    Triton backend skips the feature maps, the global state and the selected linear terms, forward and
+    backward); ``o_sparse`` and ``indices`` equal those of :func:`spla_attn`.
+
+    Returns:
+        :class:`SPLAOutput` ``(o_sparse [B, T, HQ, Dv], o_rla, rla_mass, indices [B, T, H, topk] int32)`` with
+        ``o_rla`` and ``rla_mass`` exactly zero. Gradients flow to q, k, v.
+
+    Raises:
+        ValueError: on any bad shape, dtype, device, option value or ``cu_seqlens`` (names the argument).
+    """
+    validate_inputs(q, k, v, None, None, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
+                    local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
+                    feature_map="softmax2", scale=scale, cu_seqlens=cu_seqlens, backend=backend)
+    return _dispatch(q, k, v, None, None, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
+                     local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
+                     feature_map="softmax2", scale=scale, cu_seqlens=cu_seqlens, backend=backend, residual=False)
+
+
+def _dispatch(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, local_blocks, selection, cov, rep_keys,
+              feature_map, scale, cu_seqlens, backend, residual: bool) -> SPLAOutput:
+    """Defaults, backend choice and the call (arguments already validated)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q_lin is None:
         q_lin, k_lin = q, k
@@ -167,12 +203,14 @@ def spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: Optional
     backend = pick_backend(q, backend)
     if backend == "naive":
         from spla.ops.spla.naive import naive_spla_attn
-        return naive_spla_attn(q, k, v, q_lin, k_lin, **opts)
+        out = naive_spla_attn(q, k, v, q_lin, k_lin, **opts)
+        return out if residual else out._replace(o_rla=torch.zeros_like(out.o_rla),
+                                                 rla_mass=torch.zeros_like(out.rla_mass))
     if backend == "torch":
         from spla.ops.spla.chunk import chunk_spla_attn
-        return chunk_spla_attn(q, k, v, q_lin, k_lin, **opts)
+        return chunk_spla_attn(q, k, v, q_lin, k_lin, residual=residual, **opts)
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before spla is imported; "
                          "use backend='torch' on CPU")
     from spla.ops.spla.parallel import parallel_spla_attn
-    return parallel_spla_attn(q, k, v, q_lin, k_lin, **opts)
+    return parallel_spla_attn(q, k, v, q_lin, k_lin, residual=residual, **opts)

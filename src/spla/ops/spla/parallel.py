@@ -328,8 +328,9 @@ def spla_fwd_kernel_sparse(
     p_row = i_t * HQ + i_h * G + o_g
     # [GP, BD]
     b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(CDT)
-    # [GP, BF]
-    b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_g[:, None] & m_f[None, :], other=0.).to(CDT)
+    if LIN:
+        # [GP, BF]
+        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_g[:, None] & m_f[None, :], other=0.).to(CDT)
     # [BTOPK]
     o_i = tl.arange(0, BTOPK)
     b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
@@ -658,7 +659,8 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
                lse: Optional[torch.Tensor] = None):
     """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
 
-    ``lin=False`` skips the selected linear term (benchmark diagnostics only: o_rla is then wrong).
+    ``lin=False`` skips the selected linear term (fq, fk unread): o_rla is then ``glob`` itself (zero where
+    nothing visible is unselected), which is the residual-free op when ``glob`` is zero.
     ``lse``: an fp32 `[T, HQ]` buffer that receives the log2-sum-exp2 of the scaled scores (for the backward).
     """
     T, HQ, D = q.shape
@@ -766,11 +768,12 @@ def dense_fwd(q, k, v, *, block_size: int, topk: int, scale: float):
 
 
 def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, local_blocks, selection, cov,
-                      rep_keys, feature_map_name, scale, cu_seqlens, save_lse: bool = False):
+                      rep_keys, feature_map_name, scale, cu_seqlens, save_lse: bool = False, residual: bool = True):
     """All forward stages on `[B, T, ...]` inputs; returns (o_sparse, o_rla, rla_mass, indices).
 
     ``save_lse=True`` appends the fp32 `[B*T, HQ]` log2-sum-exp2 of the sparse branch for the backward (None when
-    the dense fast path ran).
+    the dense fast path ran). ``residual=False``: no linear branch at all (q_lin, k_lin unread; o_rla and rla_mass
+    are zeros): top-k block-sparse attention only.
     """
     B, T, HQ, D = q.shape
     H = k.shape[2]
@@ -795,14 +798,19 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
         indices = select_fwd(qf, stats, meta, H=H, block_size=block_size, tile=tile, topk=topk,
                              sink_blocks=sink_blocks, local_blocks=local_blocks, selection=selection,
                              rep_keys=rep_keys, scale=scale)
-    fq = feature_map_fwd(q_lin.reshape(B * T, HQ, -1).contiguous(), feature_map_name, dtype)
-    fk = feature_map_fwd(k_lin.reshape(B * T, H, -1).contiguous(), feature_map_name, dtype)
-    glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
+    if residual:
+        fq = feature_map_fwd(q_lin.reshape(B * T, HQ, -1).contiguous(), feature_map_name, dtype)
+        fk = feature_map_fwd(k_lin.reshape(B * T, H, -1).contiguous(), feature_map_name, dtype)
+        glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
+    else:  # the kernels read neither fq nor fk; o_rla = glob = 0
+        fq, fk = qf, kf
+        glob = torch.zeros(B * T, HQ, v.shape[-1], dtype=torch.float32, device=q.device)
+        glob_mass = torch.zeros(B * T, HQ, dtype=torch.float32, device=q.device)
     path = SPARSE_PATH if SPARSE_PATH != "auto" else ("token" if G >= 8 else "kv")
     sparse = sparse_kv_fwd if path == "kv" else sparse_fwd
     lse = q.new_empty(B * T, HQ, dtype=torch.float32) if save_lse else None
     o, o_rla, rla_mass = sparse(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale,
-                                lse=lse)
+                                lse=lse, lin=residual)
     DV = v.shape[-1]
     out = (o.view(B, T, HQ, DV), o_rla.view(B, T, HQ, DV), rla_mass.view(B, T, HQ), indices.view(B, T, H, topk))
     return (*out, lse) if save_lse else out
@@ -872,8 +880,10 @@ def spla_bwd_kernel_sparse(
     DOT_PREC: tl.constexpr,
     CDT: tl.constexpr,
     ATOMIC: tl.constexpr,
+    LIN: tl.constexpr = True,
 ):
-    """Token-major backward: one program per token and KV head (its G heads as the rows of tl.dot)."""
+    """Token-major backward: one program per token and KV head (its G heads as the rows of tl.dot).
+    ``LIN=False``: no linear branch (top-k sparse attention only): fq, fk, do_rla, drla_mass, dfq, dfk unread."""
     i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos = tl.load(tok_bos + i_t).to(tl.int64)
     pos = i_t - bos
@@ -884,16 +894,18 @@ def spla_bwd_kernel_sparse(
     p_row = i_t * HQ + i_h * G + o_g
     m_gd, m_gv, m_gf = m_g[:, None] & m_d[None, :], m_g[:, None] & m_v[None, :], m_g[:, None] & m_f[None, :]
     b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_gd, other=0.).to(tl.float32).to(CDT)
-    b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_gf, other=0.).to(tl.float32).to(CDT)
     b_do = tl.load(do + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32)
     b_o = tl.load(o + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32)
     b_delta = tl.sum(b_do * b_o, 1)
     tl.store(delta + p_row, b_delta, mask=m_g)
     b_lse = tl.load(lse + p_row, mask=m_g, other=0.)
-    b_live = tl.load(live + i_t * H + i_h)
-    b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32) * b_live
-    b_b = -tl.load(drla_mass + p_row, mask=m_g, other=0.) * b_live
-    b_doc, b_ac = b_do.to(CDT), b_a.to(CDT)
+    b_doc = b_do.to(CDT)
+    if LIN:
+        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_gf, other=0.).to(tl.float32).to(CDT)
+        b_live = tl.load(live + i_t * H + i_h)
+        b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32) * b_live
+        b_b = -tl.load(drla_mass + p_row, mask=m_g, other=0.) * b_live
+        b_ac = b_a.to(CDT)
 
     o_i = tl.arange(0, BTOPK)
     b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
@@ -913,31 +925,34 @@ def spla_bwd_kernel_sparse(
             b_k = b_k.to(tl.float32).to(CDT)
             b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
             b_v = b_v.to(tl.float32).to(CDT)
-            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
-            b_fk = b_fk.to(tl.float32).to(CDT)
             # [GP, BK]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
             b_dp = tl.dot(b_doc, tl.trans(b_v), input_precision=DOT_PREC)
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(CDT), b_k, input_precision=DOT_PREC)
-            b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
-            b_dw = tl.where(m_s, tl.dot(b_ac, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
-            b_dfq += tl.dot(b_dw.to(CDT), b_fk, input_precision=DOT_PREC)
+            if LIN:
+                b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
+                b_fk = b_fk.to(tl.float32).to(CDT)
+                b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
+                b_dw = tl.where(m_s, tl.dot(b_ac, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
+                b_dfq += tl.dot(b_dw.to(CDT), b_fk, input_precision=DOT_PREC)
             if ATOMIC:
                 b_dkt = tl.dot(tl.trans(b_ds.to(CDT)), b_q, input_precision=DOT_PREC) * scale
                 b_dvt = tl.dot(tl.trans(b_p.to(CDT)), b_doc, input_precision=DOT_PREC)
-                b_dvt += tl.dot(tl.trans(b_w.to(CDT)), b_ac, input_precision=DOT_PREC)
-                b_dfkt = tl.dot(tl.trans(b_dw.to(CDT)), b_fq, input_precision=DOT_PREC)
                 tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dkt, mask=m_p[:, None] & m_d[None, :],
                               sem='relaxed')
+                if LIN:
+                    b_dvt += tl.dot(tl.trans(b_w.to(CDT)), b_ac, input_precision=DOT_PREC)
+                    b_dfkt = tl.dot(tl.trans(b_dw.to(CDT)), b_fq, input_precision=DOT_PREC)
+                    tl.atomic_add(dfk + p_kv[:, None] * F + o_f[None, :], b_dfkt,
+                                  mask=m_p[:, None] & m_f[None, :], sem='relaxed')
                 tl.atomic_add(dv + p_kv[:, None] * DV + o_v[None, :], b_dvt, mask=m_p[:, None] & m_v[None, :],
                               sem='relaxed')
-                tl.atomic_add(dfk + p_kv[:, None] * F + o_f[None, :], b_dfkt, mask=m_p[:, None] & m_f[None, :],
-                              sem='relaxed')
     tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_gd)
-    p_fq = dfq + p_row[:, None] * F + o_f[None, :]
-    tl.store(p_fq, tl.load(p_fq, mask=m_gf, other=0.) + b_dfq, mask=m_gf)
+    if LIN:
+        p_fq = dfq + p_row[:, None] * F + o_f[None, :]
+        tl.store(p_fq, tl.load(p_fq, mask=m_gf, other=0.) + b_dfq, mask=m_gf)
 
 
 @triton.jit(do_not_specialize=['scale', 'NBA'])
@@ -1119,8 +1134,11 @@ def live_rows(indices: torch.Tensor, meta: dict, block_size: int) -> torch.Tenso
 
 
 def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_mass, *, block_size: int,
-                      scale: float, feature_map_name: str, cu_seqlens=None, deterministic: Optional[bool] = None):
+                      scale: float, feature_map_name: str, cu_seqlens=None, deterministic: Optional[bool] = None,
+                      residual: bool = True):
     """Gradients of q, k, v, q_lin, k_lin (`[B, T, ...]`) from the saved o, lse (`[B*T, HQ]`) and indices.
+
+    ``residual=False`` (no linear branch in the forward): only the attention's gradients; q_lin, k_lin get None.
 
     Nothing quadratic is allocated: fp32 buffers of the inputs' sizes (dk, dv, dphi(q), dphi(k)), the O(T * topk)
     inverse index of the deterministic pass and, for the global linear term, one ``[T/64, H, F, DV]`` state.
@@ -1140,15 +1158,20 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
     idx = indices.reshape(N, H, -1).contiguous()
     topk = idx.shape[-1]
     do = torch.zeros_like(of) if do is None else do.reshape(N, HQ, DV).contiguous()
-    do_rla = torch.zeros_like(of) if do_rla is None else do_rla.reshape(N, HQ, DV).contiguous()
-    drla_mass = (torch.zeros(N, HQ, dtype=torch.float32, device=q.device) if drla_mass is None
-                 else drla_mass.reshape(N, HQ).float().contiguous())
-    fq = feature_map_fwd(qlf, feature_map_name, q.dtype)
-    fk = feature_map_fwd(klf, feature_map_name, q.dtype)
+    if residual:
+        do_rla = torch.zeros_like(of) if do_rla is None else do_rla.reshape(N, HQ, DV).contiguous()
+        drla_mass = (torch.zeros(N, HQ, dtype=torch.float32, device=q.device) if drla_mass is None
+                     else drla_mass.reshape(N, HQ).float().contiguous())
+        fq = feature_map_fwd(qlf, feature_map_name, q.dtype)
+        fk = feature_map_fwd(klf, feature_map_name, q.dtype)
+        live = live_rows(idx, meta, block_size)
+        # the global linear term: fp32 dphi(q), dphi(k), dv that the sparse passes add into
+        dfq, dfk, dv = global_linear_bwd(fq, fk, vf, do_rla, drla_mass, live, meta, LINEAR_CHUNK)
+    else:  # no linear branch: the kernels (LIN=False) read none of these placeholders
+        fq, fk, do_rla, dfq, dfk = qf, kf, of, qf, kf
+        drla_mass = live = lse
+        dv = torch.zeros(N, H, DV, dtype=torch.float32, device=q.device)
     F = fk.shape[-1]
-    live = live_rows(idx, meta, block_size)
-    # the global linear term: fp32 dphi(q), dphi(k), dv that the sparse passes add into
-    dfq, dfk, dv = global_linear_bwd(fq, fk, vf, do_rla, drla_mass, live, meta, LINEAR_CHUNK)
     dq = torch.empty_like(qf)
     dk = torch.zeros(N, H, D, dtype=torch.float32, device=q.device)
     delta = q.new_empty(N, HQ, dtype=torch.float32)
@@ -1158,7 +1181,7 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
         qf, kf, vf, fq, fk, of, do, do_rla, drla_mass, lse, live, idx, meta["tok_bos"], dq, dfq, delta, dk, dv, dfk,
         scale, GP=max(16, triton.next_power_of_2(G)), BS=block_size,
         BK=max(16, min(64, triton.next_power_of_2(block_size))), BTOPK=triton.next_power_of_2(topk),
-        ATOMIC=not det, **common, num_warps=4, num_stages=2)
+        ATOMIC=not det, LIN=residual, **common, num_warps=4, num_stages=2)
     if det:
         NBA = meta["all_tok"].numel()
         # work items of at most KV_CAP (token, slot) entries: a block every token selects (the sinks) is split
@@ -1181,7 +1204,7 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
         BQ = max(1, (32 if q.dtype == torch.float32 else 64) // GP)
         while BQ * GP < 16:
             BQ *= 2
-        for part in (0, 1) if wkey.numel() > 0 else ():
+        for part in ((0, 1) if residual else (0,)) if wkey.numel() > 0 else ():
             spla_bwd_kernel_sparse_kv[(wkey.numel(),)](
                 qf, kf, vf, fq, fk, do, do_rla, drla_mass, lse, delta, live, wkey, wstart, wend, perm,
                 meta["all_tok"], meta["all_len"], dk, dv, dfk, wslot, part_a, part_v, scale, NBA, GP=GP,
@@ -1194,6 +1217,8 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
                     BDV=triton.next_power_of_2(DV), BSP=BSP, PA=PA, num_warps=8)
         del perm, wkey, wstart, wend, wslot, part_a, part_v
     del fq, fk, delta, live, do, do_rla, drla_mass
+    if not residual:
+        return dq.view_as(q), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), None, None
     dql = feature_map_bwd(qlf, dfq, feature_map_name)
     del dfq
     dkl = feature_map_bwd(klf, dfk, feature_map_name)
@@ -1235,18 +1260,21 @@ class ParallelSPLAFunction(torch.autograd.Function):
                     out = scaled_dot_product_attention(lq, lk, lv, is_causal=True, scale=opts["scale"],
                                                        enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
                     grads = list(torch.autograd.grad(out, leaves, do))
+            if not opts.get("residual", True):
+                return (*grads, None, None, None)
             return (*grads, torch.zeros_like(q_lin), torch.zeros_like(k_lin), None)
         grads = parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_mass,
                                   block_size=opts["block_size"], scale=opts["scale"],
                                   feature_map_name=opts["feature_map_name"], cu_seqlens=opts["cu_seqlens"],
-                                  deterministic=opts.get("deterministic"))
+                                  deterministic=opts.get("deterministic"), residual=opts.get("residual", True))
         return (*grads, None)
 
 
 def parallel_spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin: torch.Tensor, k_lin: torch.Tensor,
                        *, block_size: int, topk: int, sink_blocks: int, local_blocks: int, selection: str, cov: str,
                        rep_keys: int, feature_map_name: str, scale: float,
-                       cu_seqlens: Optional[torch.Tensor] = None, deterministic: Optional[bool] = None) -> SPLAOutput:
+                       cu_seqlens: Optional[torch.Tensor] = None, deterministic: Optional[bool] = None,
+                       residual: bool = True) -> SPLAOutput:
     """The Triton backend of :func:`spla.spla_attn` (arguments already validated and defaulted).
 
     Raises:
@@ -1258,6 +1286,6 @@ def parallel_spla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lin:
                              f"use backend='torch' or 'naive' for fp64")
     opts = dict(block_size=block_size, topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
                 selection=selection, cov=cov, rep_keys=rep_keys, feature_map_name=feature_map_name, scale=scale,
-                cu_seqlens=cu_seqlens, deterministic=deterministic)
+                cu_seqlens=cu_seqlens, deterministic=deterministic, residual=residual)
     o, o_rla, rla_mass, indices = ParallelSPLAFunction.apply(q, k, v, q_lin, k_lin, opts)
     return SPLAOutput(o, o_rla, rla_mass, indices)
