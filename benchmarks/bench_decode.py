@@ -6,12 +6,12 @@
 
 For each (T, batch): the device-to-device copy bandwidth (measured here), dense SDPA decoding over a
 contiguous [B, H, T, D] copy of the cache, FlexAttention decoding (torch.compile) when it compiles, and
-the whole SPLA step (append the new token to the caches and the linear state, score + top-k, split-K
-attention, combine: five kernels, replayed as a CUDA graph; the graph also restores ``lengths`` so every
-replay decodes position T) with the block statistics stored in fp32 and in bf16, and its stages alone
-(graphs of append / scoring / top-k / split-K attention / combine). Bytes each step must move are counted: SPLA reads the
-block statistics, the selected K/V/k_lin blocks and the linear state (read by the combine, read and written
-by the append); dense reads all of K and V. Achieved bandwidth = counted bytes / time.
+the whole SPLA step (scoring, which also writes the new token to the caches; top-k; split-K attention;
+combine, which also adds the token to the linear state: four kernels, replayed as a CUDA graph; the graph
+also restores ``lengths`` so every replay decodes position T) with the block statistics stored in fp32 and in
+bf16, and its stages alone (graphs of scoring / top-k / split-K attention / combine). Bytes each step must
+move are counted: SPLA reads the block statistics, the selected K/V/k_lin blocks and the linear state (read
+and written back by the combine); dense reads all of K and V. Achieved bandwidth = counted bytes / time.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import triton
 
 from peers import flex_attention_fn
 from spla.ops.spla.decode import SPLADecodeState
-from spla.ops.spla.decode_kernels import (decode_append, decode_attend, decode_combine, decode_partials, decode_score,
-                                         decode_select, decode_topk)
+from spla.ops.spla.decode_kernels import (decode_attend, decode_combine, decode_partials, decode_score, decode_select,
+                                         decode_topk)
 from spla.ops.spla.utils import block_stats, feature_map
 
 
@@ -48,11 +48,11 @@ def fill_state(B, T, HQ, H, D, bs, topk, dtype, dev, stats_dtype=None):
 
 
 def spla_bytes(B, T, HQ, H, D, bs, topk, R, elt=2, stats_elt=4):
-    """Bytes one SPLA step moves: statistics, selected K/V/k_lin, the state (3 passes), q and outputs."""
+    """Bytes one SPLA step moves: statistics, selected K/V/k_lin, the state (read + write), q, new token, outputs."""
     nb = T // bs
     stats = B * H * nb * D * stats_elt * (2 + R)
     kv = B * H * topk * bs * (3 * D) * elt  # K, V, k_lin of the selected blocks
-    state = 3 * B * H * (2 * D) * (D + 1) * 4  # combine reads S, z; append reads and writes them
+    state = 2 * B * H * (2 * D) * (D + 1) * 4  # the combine reads S, z and writes them back
     return stats + kv + state + B * HQ * 4 * D * elt + B * H * 3 * D * elt
 
 
@@ -104,7 +104,7 @@ def main():
             flex = flex_attention_fn()  # recompile limit raised: one compiled kernel per (T, batch)
         except Exception as e:  # noqa: BLE001
             print(f"# FlexAttention unavailable: {e}")
-    hdr = (f"{'T':>7} {'B':>3} {'dense us':>9} {'dense TB/s':>10} {'flex us':>8} {'append':>7} {'score':>7} {'topk':>7} "
+    hdr = (f"{'T':>7} {'B':>3} {'dense us':>9} {'dense TB/s':>10} {'flex us':>8} {'score':>7} {'topk':>7} "
            f"{'attn':>7} {'comb':>7} {'step us':>8} {'x dense':>8} {'MB':>7} {'TB/s':>6} {'%copy':>6} {'bf16st us':>9} "
            f"{'x dense':>8} {'MB':>7} {'%copy':>6}")
     print(hdr)
@@ -137,26 +137,23 @@ def main():
                             flex = None
                     del kd, vd
 
-                def append():
-                    decode_append(st, kn, vn, kln)
-                    st.lengths.sub_(1)  # every replay decodes position T again
-
-                sc = decode_score(st, q)
-                idx = decode_topk(st, *sc)
-                parts = decode_partials(st, q, q, idx)
-                stages = dict(append=append, score=lambda: decode_score(st, q), topk=lambda: decode_topk(st, *sc),
-                              attn=lambda: decode_partials(st, q, q, idx),
-                              comb=lambda: decode_combine(st, q, parts, q.dtype))
-
                 def step():
-                    decode_append(st, kn, vn, kln)
-                    out = decode_attend(st, q, q, decode_select(st, q))
+                    st.lengths.add_(1)  # the new token is position T; the graph restores lengths after the step
+                    out = decode_attend(st, q, q, decode_select(st, q, new=(kn, vn, kln)), new=(kln, vn))
                     st.lengths.sub_(1)
                     return out
 
                 row[f"step_{tag}"] = graph_us(step)
-                if tag == "fp32":
+                if tag == "fp32":  # each stage alone, lengths held at T + 1 (the token written again each replay)
+                    st.lengths.add_(1)
+                    sc = decode_score(st, q, new=(kn, vn, kln))
+                    idx = decode_topk(st, *sc)
+                    parts = decode_partials(st, q, q, idx)
+                    stages = dict(score=lambda: decode_score(st, q, new=(kn, vn, kln)),
+                                  topk=lambda: decode_topk(st, *sc), attn=lambda: decode_partials(st, q, q, idx),
+                                  comb=lambda: decode_combine(st, q, parts, q.dtype, new=(kln, vn)))
                     row.update({k: graph_us(f) for k, f in stages.items()})
+                    st.lengths.sub_(1)
                 row[f"mb_{tag}"] = spla_bytes(B, T, HQ, H, D, bs, topk, st.rep_keys,
                                               stats_elt=4 if sdt is None else 2) / 1e6
                 st = None  # free the cache before the next one
@@ -171,7 +168,7 @@ def main():
                 row[f"copy_{tag}"] = 100 * row[f"tbs_{tag}"] * 1e12 / copy_bw
             rows.append(row)
             print(f"{T:>7} {B:>3} {row['dense_us']:>9.1f} {row['dense_tbs']:>10.2f} {row['flex_us']:>8.1f} "
-                  f"{row['append']:>7.1f} {row['score']:>7.1f} {row['topk']:>7.1f} {row['attn']:>7.1f} "
+                  f"{row['score']:>7.1f} {row['topk']:>7.1f} {row['attn']:>7.1f} "
                   f"{row['comb']:>7.1f} {row['step_fp32']:>8.1f} "
                   f"{row['x_fp32']:>8.2f} {row['mb_fp32']:>7.1f} {row['tbs_fp32']:>6.2f} {row['copy_fp32']:>5.0f}% "
                   f"{row['step_bf16']:>9.1f} {row['x_bf16']:>8.2f} {row['mb_bf16']:>7.1f} {row['copy_bf16']:>5.0f}%",

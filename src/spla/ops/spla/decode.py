@@ -113,13 +113,10 @@ class SPLADecodeState:
         self._grow(self.max_length + n)
 
     def _append(self, k, v, k_lin) -> None:
-        """Append one token per sequence (`[B, H, *]`): caches, linear state, completed-block statistics."""
+        """Append one token per sequence (`[B, H, *]`): caches, linear state, completed-block statistics
+        (torch backend; the Triton step writes them inside its kernels)."""
         self._grow(self.max_length + 1)
         self.max_length += 1
-        if self.backend == "triton":
-            from spla.ops.spla.decode_kernels import decode_append
-            decode_append(self, k, v, k_lin)
-            return
         rows = torch.arange(self.B, device=k.device)
         self.k[rows, self.lengths], self.v[rows, self.lengths] = k, v
         self.k_lin[rows, self.lengths] = k_lin
@@ -192,12 +189,15 @@ class SPLADecodeState:
 
     def _step_one(self, q, k, v, q_lin, k_lin):
         """One token per sequence: q `[B, HQ, D]`, k `[B, H, D]`, v `[B, H, Dv]`."""
-        self._append(k, v, k_lin)
         if self.backend == "triton":
             from spla.ops.spla.decode_kernels import decode_attend, decode_select
-            indices = decode_select(self, q)
-            o, o_rla, mass = decode_attend(self, q, q_lin, indices)
-            return o.to(q.dtype), o_rla.to(q.dtype), mass, indices
+            self._grow(self.max_length + 1)
+            self.max_length += 1
+            self.lengths += 1  # the kernels write the token at lengths - 1 and update the state
+            indices = decode_select(self, q, new=(k, v, k_lin))
+            o, o_rla, mass = decode_attend(self, q, q_lin, indices, new=(k_lin, v))
+            return o, o_rla, mass, indices
+        self._append(k, v, k_lin)
         B, HQ, D = q.shape
         H, G, bs = self.H, HQ // self.H, self.block_size
         acc = compute_dtype(q.dtype)

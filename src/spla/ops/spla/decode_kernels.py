@@ -1,21 +1,22 @@
 # -*- coding: utf-8 -*-
 """Triton kernels of one SPLA decode step (SPEC §7), used by :class:`SPLADecodeState` on CUDA.
 
-A step is five launches (plus ``lengths += 1``) and no host sync (so it can be captured in a CUDA graph):
+A step is four launches (after ``lengths += 1``) and no host sync (so it can be captured in a CUDA graph):
 
-0. ``spla_decode_fwd_kernel_append``: writes the new token to the caches and the linear state and, when it
-   completes a block, that block's statistics.
 1. ``spla_decode_fwd_kernel_score``: the candidate blocks of every (sequence ``b``, KV head ``h``) are split
    into tiles, one program per tile: it reads the tile's block statistics once and writes the per-head log
-   estimates ``l`` (second order, floored by the representative keys) and a partial log-sum-exp.
+   estimates ``l`` (second order, floored by the representative keys) and a partial log-sum-exp. The first
+   tile's program also writes the new token to the K/V/k_lin caches (and, when it completes a block, that
+   block's statistics).
 2. ``spla_decode_fwd_kernel_select``: per ``(b, h)``, merges the partial log-sum-exps, forms the group score
    ``s_j`` of every block (forced blocks first, blocks that are neither forced nor candidates never) and
    keeps the top-k of packed (score, block) keys with ``tl.topk``, chunk by chunk.
 3. ``spla_decode_fwd_kernel_attn``: one program per selected block (split-K over the selection): exact
    attention partials (max, sum, weighted values) over the block's visible tokens and, over the same K/V
    tiles, the selected linear term and its mass; unselected blocks are never read.
-4. ``spla_decode_fwd_kernel_combine``: per ``(b, h)``, the log-sum-exp combine of the partials, the global term
-   ``phi(q)·S`` from the fp32 state and the subtraction (zero where every visible token was selected, by count).
+4. ``spla_decode_fwd_kernel_combine``: per ``(b, h)`` and slice of value channels, adds the new token to the fp32
+   linear state, then the log-sum-exp combine of the partials, the global term ``phi(q)·S`` and the subtraction
+   (zero where every visible token was selected, by count).
 """
 
 from __future__ import annotations
@@ -43,16 +44,54 @@ def _newest_token(lengths, i_bh, HQ: tl.constexpr, H: tl.constexpr, G: tl.conste
 
 
 @triton.jit
-def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, scale, log_bs, NB_cap, NBS, NT,
+def _write_token(k_new, v_new, kl_new, k, v, k_lin, mean, var, reps, i_b, i_h, t, T_cap, NB_cap,
+                 H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+                 DL: tl.constexpr, BDL: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, R: tl.constexpr,
+                 SECOND: tl.constexpr):
+    """Write the newest token (position ``t``) of (sequence ``i_b``, KV head ``i_h``) to the K/V/k_lin caches
+    and, when it completes its block, that block's statistics (from the cached keys and the new key held in
+    registers). Nothing of this step reads them before a later launch: the block is the token's own (forced)."""
+    i_bh = i_b * H + i_h
+    o_d, o_v, o_l = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BDL)
+    m_d = o_d < D
+    b_k = tl.load(k_new + i_bh * D + o_d, mask=m_d, other=0.).to(k.dtype.element_ty)
+    tok = (i_b * T_cap + t) * H + i_h
+    tl.store(k + tok * D + o_d, b_k, mask=m_d)
+    tl.store(v + tok * DV + o_v, tl.load(v_new + i_bh * DV + o_v, mask=o_v < DV, other=0.).to(v.dtype.element_ty),
+             mask=o_v < DV)
+    tl.store(k_lin + tok * DL + o_l,
+             tl.load(kl_new + i_bh * DL + o_l, mask=o_l < DL, other=0.).to(k_lin.dtype.element_ty), mask=o_l < DL)
+    if (t + 1) % BS == 0:
+        j = (t + 1) // BS - 1
+        o_s = tl.arange(0, BSP)
+        m_k = (o_s < BS)[:, None] & m_d[None, :]
+        pos = j * BS + o_s
+        b_blk = tl.load(k + ((i_b * T_cap + pos[:, None]) * H + i_h) * D + o_d[None, :],
+                        mask=m_k & (pos < t)[:, None], other=0.).to(tl.float32)
+        b_blk = tl.where((pos == t)[:, None], b_k.to(tl.float32)[None, :], b_blk)
+        p = ((i_b * NB_cap + j) * H + i_h) * D
+        block_stats_tile(b_blk, m_k, o_s, o_d, m_d, mean + p, var + p, reps + p * R, D, BS, BSP, R, SECOND)
+
+
+@triton.jit
+def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_new, v_new, kl_new, k, v, k_lin,
+                                 scale, log_bs, NB_cap, NBS, NT, T_cap,
                                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
-                                 D: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
-                                 SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr,
-                                 BJ: tl.constexpr):
-    """One tile of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and a partial log-sum-exp."""
+                                 D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+                                 DL: tl.constexpr, BDL: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
+                                 BSP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr, SECOND: tl.constexpr,
+                                 BJ: tl.constexpr, APPEND: tl.constexpr):
+    """One tile of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and a partial log-sum-exp.
+    With ``APPEND`` the tile-0 program also writes the newest token to the caches (``_write_token``)."""
     i_t = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
+    if APPEND:
+        if i_t == 0:
+            t = tl.load(lengths + i_b).to(tl.int64) - 1
+            _write_token(k_new, v_new, kl_new, k, v, k_lin, mean, var, reps, i_b, i_h, t, T_cap, NB_cap, H, D, BD,
+                         DV, BDV, DL, BDL, BS, BSP, R, SECOND)
     o_j = i_t * BJ + tl.arange(0, BJ)
     m_j = (o_j >= SINK) & (o_j < hi)
     b_m = tl.full([BG], float("-inf"), tl.float32)
@@ -191,11 +230,15 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
 
 @triton.jit
 def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin, p_mass, p_cnt, o, o_rla, rla_mass,
+                                   kl_new, v_new,
                                    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                    DV: tl.constexpr, BV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr,
-                                   F: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, FMAP: tl.constexpr):
+                                   F: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, FMAP: tl.constexpr,
+                                   APPEND: tl.constexpr):
     """Log-sum-exp combine of the per-block partials, the global term ``phi(q)·S`` and the subtraction, for one
-    (sequence, KV head) and one slice of ``BV`` value channels (the state is read in ``[DL, BV]`` tiles)."""
+    (sequence, KV head) and one slice of ``BV`` value channels (the state is read in ``[DL, BV]`` tiles).
+    With ``APPEND`` the state first takes the newest token, ``S += phi(k_lin) v^T``, ``z += phi(k_lin)``
+    (each program updates its own slice of S; the slice-0 program updates z), and is written back."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -230,64 +273,38 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     f1, f2 = _phi(b_ql, m_l, FMAP)
     m_lv = m_l[:, None] & m_v[None, :]
     sb = S + i_bh * F * DV
-    b_S = tl.load(sb + o_l[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
+    if APPEND:
+        b_kl = tl.load(kl_new + i_bh * DL + o_l, mask=m_l, other=0.).to(tl.float32)
+        k1, k2 = _phi(b_kl[None, :], m_l, FMAP)
+        b_vn = tl.load(v_new + i_bh * DV + o_v, mask=m_v, other=0.).to(tl.float32)
+    p_S = sb + o_l[:, None] * DV + o_v[None, :]
+    b_S = tl.load(p_S, mask=m_lv, other=0.)
+    b_z = tl.load(z + i_bh * F + o_l, mask=m_l, other=0.)
+    if APPEND:
+        b_S += tl.trans(k1) * b_vn[None, :]
+        tl.store(p_S, b_S, mask=m_lv)
+        b_z += tl.sum(k1, 0)
+        if i_v == 0:
+            tl.store(z + i_bh * F + o_l, b_z, mask=m_l)
     b_glob = tl.dot(f1, b_S, input_precision="tf32x3")
-    b_gm = tl.sum(f1 * tl.load(z + i_bh * F + o_l, mask=m_l, other=0.)[None, :], 1)
+    b_gm = tl.sum(f1 * b_z[None, :], 1)
     if F > DL:
-        b_S = tl.load(sb + (DL + o_l)[:, None] * DV + o_v[None, :], mask=m_lv, other=0.)
+        p_S = sb + (DL + o_l)[:, None] * DV + o_v[None, :]
+        b_S = tl.load(p_S, mask=m_lv, other=0.)
+        b_z = tl.load(z + i_bh * F + DL + o_l, mask=m_l, other=0.)
+        if APPEND:
+            b_S += tl.trans(k2) * b_vn[None, :]
+            tl.store(p_S, b_S, mask=m_lv)
+            b_z += tl.sum(k2, 0)
+            if i_v == 0:
+                tl.store(z + i_bh * F + DL + o_l, b_z, mask=m_l)
         b_glob += tl.dot(f2, b_S, input_precision="tf32x3")
-        b_gm += tl.sum(f2 * tl.load(z + i_bh * F + DL + o_l, mask=m_l, other=0.)[None, :], 1)
+        b_gm += tl.sum(f2 * b_z[None, :], 1)
     empty = n_sel == t + 1
     b_r = tl.where(empty, 0., b_glob - b_lin)
     tl.store(o_rla + rows[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_gv)
     if i_v == 0:
         tl.store(rla_mass + rows, tl.where(empty, 0., b_gm - b_mass), mask=m_g)
-
-
-@triton.jit
-def spla_decode_fwd_kernel_append(k_new, v_new, kl_new, k, v, k_lin, S, z, mean, var, reps, lengths, T_cap, NB_cap,
-                                  H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
-                                  BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr, F: tl.constexpr,
-                                  BS: tl.constexpr, BSP: tl.constexpr, R: tl.constexpr, SECOND: tl.constexpr,
-                                  FMAP: tl.constexpr):
-    """Append one token of one (sequence, KV head) at position ``lengths[b]``: the K/V/k_lin caches, the fp32
-    linear state and, when the token completes its block, that block's statistics (from the cached keys and
-    the new key held in registers). The caller then adds 1 to ``lengths``."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    L = tl.load(lengths + i_b).to(tl.int64)
-    o_d, o_v, o_l = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BDL)
-    m_d, m_v, m_l = o_d < D, o_v < DV, o_l < DL
-    b_k = tl.load(k_new + i_bh * D + o_d, mask=m_d, other=0.)
-    b_v = tl.load(v_new + i_bh * DV + o_v, mask=m_v, other=0.)
-    b_kl = tl.load(kl_new + i_bh * DL + o_l, mask=m_l, other=0.)
-    tok = (i_b * T_cap + L) * H + i_h
-    tl.store(k + tok * D + o_d, b_k.to(k.dtype.element_ty), mask=m_d)
-    tl.store(v + tok * DV + o_v, b_v.to(v.dtype.element_ty), mask=m_v)
-    tl.store(k_lin + tok * DL + o_l, b_kl.to(k_lin.dtype.element_ty), mask=m_l)
-    # the state: S += phi(k_lin) v^T, z += phi(k_lin) (phi of the cached, rounded k_lin, as the prefill)
-    f1, f2 = _phi(b_kl.to(k_lin.dtype.element_ty).to(tl.float32)[None, :], m_l, FMAP)
-    b_vf = b_v.to(v.dtype.element_ty).to(tl.float32)
-    m_lv = m_l[:, None] & m_v[None, :]
-    sb = S + i_bh * F * DV
-    p1 = sb + o_l[:, None] * DV + o_v[None, :]
-    tl.store(p1, tl.load(p1, mask=m_lv, other=0.) + tl.trans(f1) * b_vf[None, :], mask=m_lv)
-    tl.store(z + i_bh * F + o_l, tl.load(z + i_bh * F + o_l, mask=m_l, other=0.) + tl.sum(f1, 0), mask=m_l)
-    if F > DL:
-        p2 = sb + (DL + o_l)[:, None] * DV + o_v[None, :]
-        tl.store(p2, tl.load(p2, mask=m_lv, other=0.) + tl.trans(f2) * b_vf[None, :], mask=m_lv)
-        tl.store(z + i_bh * F + DL + o_l, tl.load(z + i_bh * F + DL + o_l, mask=m_l, other=0.) + tl.sum(f2, 0),
-                 mask=m_l)
-    if (L + 1) % BS == 0:
-        j = (L + 1) // BS - 1
-        o_s = tl.arange(0, BSP)
-        m_k = (o_s < BS)[:, None] & m_d[None, :]
-        pos = j * BS + o_s
-        b_blk = tl.load(k + ((i_b * T_cap + pos[:, None]) * H + i_h) * D + o_d[None, :],
-                        mask=m_k & (pos < L)[:, None], other=0.).to(tl.float32)
-        b_blk = tl.where((pos == L)[:, None], b_k.to(k.dtype.element_ty).to(tl.float32)[None, :], b_blk)
-        p = ((i_b * NB_cap + j) * H + i_h) * D
-        block_stats_tile(b_blk, m_k, o_s, o_d, m_d, mean + p, var + p, reps + p * R, D, BS, BSP, R, SECOND)
 
 
 _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
@@ -297,9 +314,11 @@ def _p2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def decode_score(state, q: torch.Tensor, tile: int = 32):
+def decode_score(state, q: torch.Tensor, tile: int = 32, new=None):
     """Stage 1 of the selection: log estimates ``lbuf [B, HQ, NB_cap]`` of the candidate blocks and the
-    partial log-sum-exps ``p_m, p_s [B, HQ, NT]`` of their tiles of ``tile`` blocks (one program per tile)."""
+    partial log-sum-exps ``p_m, p_s [B, HQ, NT]`` of their tiles of ``tile`` blocks (one program per tile).
+    ``new = (k, v, k_lin)`` (`[B, H, *]`) of the newest token, already counted in ``state.lengths``: also
+    written to the caches (with the statistics of a block it completes)."""
     B, HQ, D = q.shape
     H, G, bs = state.H, HQ // state.H, state.block_size
     NB_cap = state.mean.shape[1]
@@ -309,10 +328,14 @@ def decode_score(state, q: torch.Tensor, tile: int = 32):
     p_m = torch.empty(B, HQ, NT, dtype=torch.float32, device=q.device)
     p_s = torch.empty_like(p_m)
     R = state.rep_keys
+    Dv, Dl = state.Dv, state.Dl
+    k_new, v_new, kl_new = (x.contiguous() for x in new) if new is not None else (q, q, q)
     spla_decode_fwd_kernel_score[(NT, B * H)](
         q.contiguous(), state.mean, state.second, state.reps if R else state.mean, state.lengths, lbuf, p_m, p_s,
-        state.scale, math.log(bs), NB_cap, NBS, NT, HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), R=R, BS=bs,
-        SINK=state.sink_blocks, LOCAL=state.local_blocks, TAYLOR2=state.selection == "taylor2", BJ=tile)
+        k_new, v_new, kl_new, state.k, state.v, state.k_lin, state.scale, math.log(bs), NB_cap, NBS, NT,
+        state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl),
+        R=R, BS=bs, BSP=_p2(bs), SINK=state.sink_blocks, LOCAL=state.local_blocks,
+        TAYLOR2=state.selection == "taylor2", SECOND=state.selection == "taylor2", BJ=tile, APPEND=new is not None)
     return lbuf, p_m, p_s
 
 
@@ -330,15 +353,16 @@ def decode_topk(state, lbuf: torch.Tensor, p_m: torch.Tensor, p_s: torch.Tensor,
     return out
 
 
-def decode_select(state, q: torch.Tensor, tile: int = 32, chunk: int = 1024) -> torch.Tensor:
+def decode_select(state, q: torch.Tensor, tile: int = 32, chunk: int = 1024, new=None) -> torch.Tensor:
     """Selected blocks `[B, H, topk]` int32 (ascending, -1 padded) of the newest token of every sequence.
 
     Two launches, no host sync (CUDA-graph capturable): the scoring kernel splits the candidate blocks of
     every (sequence, KV head) into tiles of ``tile`` blocks (one program each: log estimates, partial
     log-sum-exp), the selection kernel (one program per (sequence, KV head)) merges the partials, forms the
-    group scores and keeps the top-k of packed (score, block) keys, ``chunk`` blocks at a time.
+    group scores and keeps the top-k of packed (score, block) keys, ``chunk`` blocks at a time. ``new``: see
+    :func:`decode_score`.
     """
-    return decode_topk(state, *decode_score(state, q, tile), chunk=chunk)
+    return decode_topk(state, *decode_score(state, q, tile, new), chunk=chunk)
 
 
 def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
@@ -359,35 +383,26 @@ def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.
     return p_m, p_l, p_acc, p_lin, p_mass, p_cnt
 
 
-def decode_combine(state, q_lin: torch.Tensor, partials, out_dtype: torch.dtype):
-    """``o_sparse, o_rla [B, HQ, Dv]`` (``out_dtype``) and ``rla_mass [B, HQ]`` fp32 from the partials and the state."""
+def decode_combine(state, q_lin: torch.Tensor, partials, out_dtype: torch.dtype, new=None):
+    """``o_sparse, o_rla [B, HQ, Dv]`` (``out_dtype``) and ``rla_mass [B, HQ]`` fp32 from the partials and the state;
+    ``new = (k_lin, v)`` (`[B, H, *]`) of the newest token: first added to the linear state."""
     B, HQ, Dl = q_lin.shape
     H, topk, Dv = state.H, state.topk, state.Dv
     o = torch.empty(B, HQ, Dv, dtype=out_dtype, device=q_lin.device)
     o_rla = torch.empty_like(o)
     mass = torch.empty(B, HQ, dtype=torch.float32, device=q_lin.device)
     BV = min(_p2(Dv), 32)
+    kl_new, v_new = (x.contiguous() for x in new) if new is not None else (q_lin, q_lin)
     spla_decode_fwd_kernel_combine[(B * H, triton.cdiv(Dv, BV))](
-        q_lin.contiguous(), state.S, state.z, state.lengths, *partials, o, o_rla, mass, HQ=HQ, H=H, G=HQ // H,
-        BG=_p2(HQ // H), DV=Dv, BV=BV, DL=Dl, BDL=_p2(Dl), F=state.S.shape[2], TOPK=topk, KP=_p2(topk, 2),
-        FMAP=_FMAP[state.fmap])
+        q_lin.contiguous(), state.S, state.z, state.lengths, *partials, o, o_rla, mass, kl_new, v_new, HQ=HQ, H=H,
+        G=HQ // H, BG=_p2(HQ // H), DV=Dv, BV=BV, DL=Dl, BDL=_p2(Dl), F=state.S.shape[2], TOPK=topk,
+        KP=_p2(topk, 2), FMAP=_FMAP[state.fmap], APPEND=new is not None)
     return o, o_rla, mass
 
 
-def decode_attend(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
+def decode_attend(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor, new=None):
     """Outputs of the newest token given its selection: ``o_sparse, o_rla [B, HQ, Dv]`` (q's dtype),
-    ``rla_mass [B, HQ]`` fp32. Two launches: split-K attention over the selected blocks, then the combine."""
-    return decode_combine(state, q_lin, decode_partials(state, q, q_lin, indices), q.dtype)
+    ``rla_mass [B, HQ]`` fp32. Two launches: split-K attention over the selected blocks, then the combine
+    (``new = (k_lin, v)``: see :func:`decode_combine`)."""
+    return decode_combine(state, q_lin, decode_partials(state, q, q_lin, indices), q.dtype, new)
 
-
-def decode_append(state, k: torch.Tensor, v: torch.Tensor, k_lin: torch.Tensor) -> None:
-    """Append one token per sequence (`[B, H, *]`) to ``state`` (capacity already reserved), no host sync."""
-    B, H, D = k.shape
-    Dv, Dl, bs = state.Dv, state.Dl, state.block_size
-    R = state.rep_keys
-    spla_decode_fwd_kernel_append[(B * H,)](
-        k.contiguous(), v.contiguous(), k_lin.contiguous(), state.k, state.v, state.k_lin, state.S, state.z,
-        state.mean, state.second, state.reps if R else state.mean, state.lengths, state.k.shape[1],
-        state.mean.shape[1], H=H, D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), F=state.S.shape[2],
-        BS=bs, BSP=_p2(bs), R=R, SECOND=state.selection == "taylor2", FMAP=_FMAP[state.fmap])
-    state.lengths += 1
