@@ -6,11 +6,12 @@
 B=1, bf16, D=Dv=128, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key, softmax2,
 ``q_lin=q``, ``k_lin=k``), random N(0,1) inputs. One "fwd+bwd" = the op's forward, then the gradients of q, k, v
 (and for SPLA of both outputs o_sparse and o_rla) with ``torch.autograd.grad``; CUDA-event medians after warm-up.
-Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-major) and the atomic key-gradient
-pass, SDPA causal (flash backend, K/V expanded to the query heads outside the timing), fla ``parallel_nsa``
-(G >= 16 only: HQ=64/H=4), FlexAttention (compiled, causal block-sparse mask of the same token budget given in
-advance: 8 blocks of 128 per 128-query block, ``benchmarks/peers.py``), speedups, and the peak memory of one forward+backward (SPLA and SDPA, 64k and 128k,
-HQ=32/H=8) above the inputs.
+Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-major) and the atomic
+key-gradient pass, the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
+causal (flash backend, K/V expanded to the query heads outside the timing), fla ``parallel_nsa`` (G >= 16 only:
+HQ=64/H=4), FlexAttention (compiled, causal block-sparse mask of the same token budget given in advance: 8
+blocks of 128 per 128-query block, ``benchmarks/peers.py``), speedups, and the peak memory of one
+forward+backward (SPLA and SDPA, 64k and 128k, HQ=32/H=8) above the inputs.
 ``--model-step``: one training step (forward, backward, AdamW) of an 8-layer Llama-style model (d_model 1024,
 16 query / 4 KV heads of 64, SwiGLU 2816, vocab 32000, bf16 weights) at T=64k, SPLA attention
 (``spla.layers.SPLAAttention``, merge="residual") vs the same model with SDPA; tokens/s, OOM reported.
@@ -126,7 +127,11 @@ def spla_fns(q, k, v, deterministic):
     def fwd_bwd():
         out = P.parallel_spla_attn(q, k, v, q, k, deterministic=deterministic, **opts)
         return torch.autograd.grad([out.o_sparse, out.o_rla], [q, k, v], [do, do_rla])
-    return fwd, fwd_bwd
+
+    def topk_fwd_bwd():  # spla.topk_attn's path: no linear branch
+        out = P.parallel_spla_attn(q, k, v, q, k, deterministic=deterministic, residual=False, **opts)
+        return torch.autograd.grad(out.o_sparse, [q, k, v], do)
+    return fwd, fwd_bwd, topk_fwd_bwd
 
 
 def sdpa_fns(q, k, v):
@@ -150,11 +155,12 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True):
     import torch
     q, k, v = make(T, HQ, H, D)
     G = HQ // H
-    fwd, fb_det = spla_fns(q, k, v, True)
-    _, fb_atomic = spla_fns(q, k, v, False)
+    fwd, fb_det, fb_topk = spla_fns(q, k, v, True)
+    _, fb_atomic, _ = spla_fns(q, k, v, False)
     try:
         rec["spla_fwd_ms"] = timeit(fwd, budget_s)
         rec["spla_fwdbwd_ms"] = timeit(fb_det, budget_s)
+        rec["topk_fwdbwd_ms"] = timeit(fb_topk, budget_s)
     except torch.OutOfMemoryError:
         rec["spla_fwdbwd_ms"] = "OOM"
     except Exception as e:
@@ -207,7 +213,7 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True):
 def run_memory(T, HQ, H, D, rec):
     import torch
     q, k, v = make(T, HQ, H, D)
-    _, fb = spla_fns(q, k, v, True)
+    _, fb, _ = spla_fns(q, k, v, True)
     try:
         rec["spla_peak_gib"] = peak_mem(fb)
     except torch.OutOfMemoryError:
@@ -402,7 +408,8 @@ def main():
     out = [f"GPU: {name}; B=1, bf16, D=128, block {BS}, top-{TOPK}; times in ms (fwd+bwd = forward + gradients of "
            f"q, k, v), peak memory in GiB above the inputs", ""]
     out.append(table(rows, ["T", "HQ", "H", "spla_fwd_ms", "spla_fwdbwd_ms", "spla_fwdbwd_atomic_ms",
-                            "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa", "speedup_nsa",
+                            "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
+                            "speedup_nsa",
                             "speedup_flex", "note"]))
     if mem_rows:
         out += ["", table(mem_rows, ["T", "HQ", "H", "spla_peak_gib", "sdpa_peak_gib", "note"])]

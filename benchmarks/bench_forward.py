@@ -8,7 +8,7 @@ B=1, bf16, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key
 attention (feature maps + chunked state), sparse attention with the fused selected-linear term and residual.
 FLOPs are counted from the actual selection (keys visited, candidates scored); the floor is
 ``max(FLOPs / matmul rate, minimal bytes / copy bandwidth)`` with both ceilings measured in the same run.
-FlexAttention: compiled ``flex_attention`` under a causal block-sparse mask of the same token budget, given in
+``topk_attn``: SPLA's top-k branch alone (no linear branch). FlexAttention: compiled ``flex_attention`` under a causal block-sparse mask of the same token budget, given in
 advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_vs_flex`` = our sparse stage / it.
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 
 from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
-from spla import spla_attn
+from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
 from spla.ops.spla.parallel import (LINEAR_CHUNK, _prepare_meta, _topk_tile, block_stats_fwd, dense_fwd,
@@ -111,6 +111,8 @@ def run_one(T, HQ, H, D, peak, bw, rows):
         if T <= TOPK * BS:
             rec["dense_kernels_ms"] = bench(lambda: dense_fwd(q, k, v, block_size=BS, topk=TOPK, scale=scale))
         rec["total_ms"] = total
+        # the top-k branch alone (spla.topk_attn: no linear branch), the NSA / MoBA-style baseline
+        rec["topk_attn_ms"] = bench(lambda: topk_attn(q, k, v, backend="triton", **opts))
         cnt = count(T, HQ, H, D, D, fk.shape[-1], idx.view(1, T, H, TOPK))
         del fq, fk, glob, gm, stats
         flops = cnt["sparse_attn"] + cnt["sparse_lin"] + cnt["select"] + cnt["glob"]
@@ -154,7 +156,7 @@ def run_one(T, HQ, H, D, peak, bw, rows):
 
 
 COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
-        "flex_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms", "select_r64_ms",
+        "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms", "select_r64_ms",
         "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "dense_kernels_ms"]
 
 

@@ -226,3 +226,22 @@ def test_topk_attn_triton_matches_spla_sparse_branch(T, HQ, H, cu, monkeypatch):
         monkeypatch.setattr(P, "DETERMINISTIC", det)
         for name, g, r in zip(NAMES, torch.autograd.grad(loss, leaves, retain_graph=True), ref_g):
             assert_close(f"d{name} (deterministic={det})", g, r, 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_topk_attn_matches_spla_sparse_branch():
+    """On CUDA, bf16 at 16k (HQ=32, H=8, D=128): topk_attn's o_sparse, indices and q/k/v gradients equal those
+    spla_attn gives through o_sparse alone (same kernels with and without the linear branch)."""
+    from spla import topk_attn
+    q, k, v = _gpu_inputs(16384, 32, 8, 128, torch.bfloat16, seed=2)[:3]
+    a = [x.clone().requires_grad_() for x in (q, k, v)]
+    b = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = topk_attn(*a, block_size=64, topk=16)
+    ref = spla_attn(*b, block_size=64, topk=16)
+    assert torch.equal(out.indices, ref.indices)
+    assert rel_err(out.o_sparse.float(), ref.o_sparse.float()) < 1e-3  # two compilations of the same kernel
+    assert torch.count_nonzero(out.o_rla) == 0
+    w = torch.randn_like(out.o_sparse)
+    for n, g, r in zip(NAMES, torch.autograd.grad((out.o_sparse * w).sum(), a),
+                       torch.autograd.grad((ref.o_sparse * w).sum(), b)):
+        assert rel_err(g.float(), r.float()) < 1e-2, n
