@@ -26,6 +26,9 @@ def flex_block_mask(T: int, block: int = 128, kv_blocks: int = 8, device=None, s
     g = torch.Generator().manual_seed(seed)
     full_n = torch.zeros(nq, dtype=torch.int32)
     full_idx = torch.zeros(nq, nq, dtype=torch.int32)
+    # the token-level rule, so that every path (eager included) computes the same attention; the block lists
+    # only tell the compiled kernel which blocks to skip and which need no masking
+    allowed = torch.eye(nq, dtype=torch.bool)
     for i in range(nq):
         if i <= kv_blocks - 1:
             pick = list(range(i))
@@ -34,14 +37,10 @@ def flex_block_mask(T: int, block: int = 128, kv_blocks: int = 8, device=None, s
             pick = sorted({0, i - 1, *others})
         full_n[i] = len(pick)
         full_idx[i, :len(pick)] = torch.tensor(pick, dtype=torch.int32)
+        allowed[i, pick] = True
     own_n = torch.ones(nq, dtype=torch.int32)
     own_idx = torch.zeros(nq, nq, dtype=torch.int32)
     own_idx[:, 0] = torch.arange(nq, dtype=torch.int32)
-    # the token-level rule, so that every path (eager included) computes the same attention; the block lists
-    # only tell the compiled kernel which blocks to skip and which need no masking
-    allowed = torch.eye(nq, dtype=torch.bool)
-    for i in range(nq):
-        allowed[i, full_idx[i, :full_n[i]].long()] = True
     allowed = allowed.flatten().to(device)
 
     def causal(b, h, q_idx, kv_idx):

@@ -112,11 +112,15 @@ class SPLADecodeState:
         nothing and sync nothing (then they can be captured and replayed as a CUDA graph)."""
         self._grow(self.max_length + n)
 
+    def _claim_slot(self) -> None:
+        """Room for one more token per sequence (counted on the host: no device sync)."""
+        self._grow(self.max_length + 1)
+        self.max_length += 1
+
     def _append(self, k, v, k_lin) -> None:
         """Append one token per sequence (`[B, H, *]`): caches, linear state, completed-block statistics
         (torch backend; the Triton step writes them inside its kernels)."""
-        self._grow(self.max_length + 1)
-        self.max_length += 1
+        self._claim_slot()
         rows = torch.arange(self.B, device=k.device)
         self.k[rows, self.lengths], self.v[rows, self.lengths] = k, v
         self.k_lin[rows, self.lengths] = k_lin
@@ -191,8 +195,7 @@ class SPLADecodeState:
         """One token per sequence: q `[B, HQ, D]`, k `[B, H, D]`, v `[B, H, Dv]`."""
         if self.backend == "triton":
             from spla.ops.spla.decode_kernels import decode_attend, decode_select
-            self._grow(self.max_length + 1)
-            self.max_length += 1
+            self._claim_slot()
             self.lengths += 1  # the kernels write the token at lengths - 1 and update the state
             indices = decode_select(self, q, new=(k, v, k_lin))
             o, o_rla, mass = decode_attend(self, q, q_lin, indices, new=(k_lin, v))

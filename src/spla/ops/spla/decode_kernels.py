@@ -34,13 +34,13 @@ from spla.ops.spla.parallel import block_stats_tile
 @triton.jit
 def _newest_token(lengths, i_bh, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                   BS: tl.constexpr, LOCAL: tl.constexpr):
-    """Where the newest token of (sequence, KV head) ``i_bh`` stands: its own block ``c``, the end ``hi`` of the
-    candidate blocks, and the query rows ``rows [BG]`` (mask ``m_g``) of the KV head's group."""
+    """Where the newest token of (sequence, KV head) ``i_bh`` stands: its position ``t``, its own block ``c``, the
+    end ``hi`` of the candidate blocks, and the query rows ``rows [BG]`` (mask ``m_g``) of the KV head's group."""
     i_b, i_h = i_bh // H, i_bh % H
     t = tl.load(lengths + i_b).to(tl.int64) - 1
     c = t // BS
     o_g = tl.arange(0, BG)
-    return c, c - LOCAL + 1, i_b * HQ + i_h * G + o_g, o_g < G
+    return t, c, c - LOCAL + 1, i_b * HQ + i_h * G + o_g, o_g < G
 
 
 @triton.jit
@@ -79,19 +79,18 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
                                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                  D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
                                  DL: tl.constexpr, BDL: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
-                                 BSP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr, SECOND: tl.constexpr,
+                                 BSP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr,
                                  BJ: tl.constexpr, APPEND: tl.constexpr):
     """One tile of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and a partial log-sum-exp.
     With ``APPEND`` the tile-0 program also writes the newest token to the caches (``_write_token``)."""
     i_t = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
+    t, c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
     if APPEND:
         if i_t == 0:
-            t = tl.load(lengths + i_b).to(tl.int64) - 1
             _write_token(k_new, v_new, kl_new, k, v, k_lin, mean, var, reps, i_b, i_h, t, T_cap, NB_cap, H, D, BD,
-                         DV, BDV, DL, BDL, BS, BSP, R, SECOND)
+                         DV, BDV, DL, BDL, BS, BSP, R, TAYLOR2)
     o_j = i_t * BJ + tl.arange(0, BJ)
     m_j = (o_j >= SINK) & (o_j < hi)
     b_m = tl.full([BG], float("-inf"), tl.float32)
@@ -128,7 +127,7 @@ def spla_decode_fwd_kernel_select(lbuf, p_m, p_s, lengths, indices, NBS, NT,
                                   TOPK: tl.constexpr, KP: tl.constexpr, BNT: tl.constexpr, BC: tl.constexpr):
     """Group scores of all blocks of one (sequence, KV head) and their top-k (ascending, -1 padded)."""
     i_bh = tl.program_id(0).to(tl.int64)
-    c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
+    t, c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
     # per-head log-sum-exp over the candidates from the tiles' partials
     o_n = tl.arange(0, BNT)
     m_gn = m_g[:, None] & (o_n < NT)[None, :]
@@ -229,6 +228,24 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
 
 
 @triton.jit
+def _state_term(S_half, z_half, f, k_f, b_vn, o_l, o_v, m_l, m_v, i_v, DV: tl.constexpr, APPEND: tl.constexpr):
+    """``f·S_half`` `[BG, BV]` and ``f·z_half`` `[BG]` for one half of the fp32 state (``DL`` feature rows, this
+    program's value slice). With ``APPEND`` the half first takes the new token (``k_f^T v``, ``k_f``) and is
+    written back (z by the slice-0 program only)."""
+    m_lv = m_l[:, None] & m_v[None, :]
+    p_S = S_half + o_l[:, None] * DV + o_v[None, :]
+    b_S = tl.load(p_S, mask=m_lv, other=0.)
+    b_z = tl.load(z_half + o_l, mask=m_l, other=0.)
+    if APPEND:
+        b_S += tl.trans(k_f) * b_vn[None, :]
+        tl.store(p_S, b_S, mask=m_lv)
+        b_z += tl.sum(k_f, 0)
+        if i_v == 0:
+            tl.store(z_half + o_l, b_z, mask=m_l)
+    return tl.dot(f, b_S, input_precision="tf32x3"), tl.sum(f * b_z[None, :], 1)
+
+
+@triton.jit
 def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin, p_mass, p_cnt, o, o_rla, rla_mass,
                                    kl_new, v_new,
                                    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
@@ -271,35 +288,18 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     # the global linear term from the state; zero where every visible token was selected (counted)
     b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
     f1, f2 = _phi(b_ql, m_l, FMAP)
-    m_lv = m_l[:, None] & m_v[None, :]
-    sb = S + i_bh * F * DV
     if APPEND:
         b_kl = tl.load(kl_new + i_bh * DL + o_l, mask=m_l, other=0.).to(tl.float32)
         k1, k2 = _phi(b_kl[None, :], m_l, FMAP)
         b_vn = tl.load(v_new + i_bh * DV + o_v, mask=m_v, other=0.).to(tl.float32)
-    p_S = sb + o_l[:, None] * DV + o_v[None, :]
-    b_S = tl.load(p_S, mask=m_lv, other=0.)
-    b_z = tl.load(z + i_bh * F + o_l, mask=m_l, other=0.)
-    if APPEND:
-        b_S += tl.trans(k1) * b_vn[None, :]
-        tl.store(p_S, b_S, mask=m_lv)
-        b_z += tl.sum(k1, 0)
-        if i_v == 0:
-            tl.store(z + i_bh * F + o_l, b_z, mask=m_l)
-    b_glob = tl.dot(f1, b_S, input_precision="tf32x3")
-    b_gm = tl.sum(f1 * b_z[None, :], 1)
+    else:  # unread
+        k1, k2, b_vn = f1, f2, tl.zeros([BV], tl.float32)
+    b_glob, b_gm = _state_term(S + i_bh * F * DV, z + i_bh * F, f1, k1, b_vn, o_l, o_v, m_l, m_v, i_v, DV, APPEND)
     if F > DL:
-        p_S = sb + (DL + o_l)[:, None] * DV + o_v[None, :]
-        b_S = tl.load(p_S, mask=m_lv, other=0.)
-        b_z = tl.load(z + i_bh * F + DL + o_l, mask=m_l, other=0.)
-        if APPEND:
-            b_S += tl.trans(k2) * b_vn[None, :]
-            tl.store(p_S, b_S, mask=m_lv)
-            b_z += tl.sum(k2, 0)
-            if i_v == 0:
-                tl.store(z + i_bh * F + DL + o_l, b_z, mask=m_l)
-        b_glob += tl.dot(f2, b_S, input_precision="tf32x3")
-        b_gm += tl.sum(f2 * b_z[None, :], 1)
+        g2, m2 = _state_term(S + (i_bh * F + DL) * DV, z + i_bh * F + DL, f2, k2, b_vn, o_l, o_v, m_l, m_v, i_v, DV,
+                             APPEND)
+        b_glob += g2
+        b_gm += m2
     empty = n_sel == t + 1
     b_r = tl.where(empty, 0., b_glob - b_lin)
     tl.store(o_rla + rows[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_gv)
@@ -335,7 +335,7 @@ def decode_score(state, q: torch.Tensor, tile: int = 32, new=None):
         k_new, v_new, kl_new, state.k, state.v, state.k_lin, state.scale, math.log(bs), NB_cap, NBS, NT,
         state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl),
         R=R, BS=bs, BSP=_p2(bs), SINK=state.sink_blocks, LOCAL=state.local_blocks,
-        TAYLOR2=state.selection == "taylor2", SECOND=state.selection == "taylor2", BJ=tile, APPEND=new is not None)
+        TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None)
     return lbuf, p_m, p_s
 
 
