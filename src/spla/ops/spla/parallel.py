@@ -752,16 +752,45 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
     return o, o_rla, rla_mass
 
 
+def _expand_kv(x: torch.Tensor, HQ: int) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[B, T, HQ, D]`` (each KV head repeated for its G query heads; a copy when G > 1).
+
+    The dense path calls SDPA on expanded K/V: its flash kernel takes equal head counts, and SDPA's
+    ``enable_gqa`` was 2-3x slower than flash on expanded K/V on an H200 (docs/benchmarks.md)."""
+    B, T, H, D = x.shape
+    return x if H == HQ else x[:, :, :, None].expand(B, T, H, HQ // H, D).reshape(B, T, HQ, D)
+
+
+def dense_sdpa(q, k, v, scale: float) -> torch.Tensor:
+    """Causal softmax attention of `[B, T, HQ, D]` q over `[B, T, H, D]` k, v (GQA by expansion), `[B, T, HQ, Dv]`."""
+    HQ = q.shape[2]
+    return scaled_dot_product_attention(q.transpose(1, 2), _expand_kv(k, HQ).transpose(1, 2),
+                                        _expand_kv(v, HQ).transpose(1, 2), is_causal=True, scale=scale).transpose(1, 2)
+
+
+_DENSE_INDICES: Dict[Tuple[int, int, int, torch.device], torch.Tensor] = {}
+
+
+def _dense_indices(T: int, block_size: int, topk: int, device: torch.device) -> torch.Tensor:
+    """``[T, topk]`` int32: blocks ``0..c`` of each token's causal range, then -1 (cached per shape and device)."""
+    key = (T, block_size, topk, device)
+    idx = _DENSE_INDICES.get(key)
+    if idx is None:
+        c = torch.arange(T, device=device) // block_size
+        ar = torch.arange(topk, device=device)
+        idx = torch.where(ar[None, :] <= c[:, None], ar[None, :], -1).to(torch.int32)
+        if len(_DENSE_INDICES) > 64:
+            _DENSE_INDICES.clear()
+        _DENSE_INDICES[key] = idx
+    return idx
+
+
 def dense_fwd(q, k, v, *, block_size: int, topk: int, scale: float):
     """Every block selected (T <= topk * block_size): causal SDPA, a zero residual and indices ``0..c``."""
     B, T, HQ, D = q.shape
     H = k.shape[2]
-    o = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                     scale=scale, enable_gqa=HQ != H).transpose(1, 2)
-    c = torch.arange(T, device=q.device) // block_size
-    ar = torch.arange(topk, device=q.device)
-    indices = torch.where(ar[None, :] <= c[:, None], ar[None, :], -1).to(torch.int32)
-    indices = indices[None, :, None, :].expand(B, T, H, topk).contiguous()
+    o = dense_sdpa(q, k, v, scale)
+    indices = _dense_indices(T, block_size, topk, q.device)[None, :, None, :].expand(B, T, H, topk).contiguous()
     o_rla = torch.zeros(B, T, HQ, v.shape[-1], dtype=q.dtype, device=q.device)
     rla_mass = torch.zeros(B, T, HQ, dtype=torch.float32, device=q.device)
     return o, o_rla, rla_mass, indices
@@ -1256,9 +1285,7 @@ class ParallelSPLAFunction(torch.autograd.Function):
             else:
                 with torch.enable_grad():
                     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-                    lq, lk, lv = (x.transpose(1, 2) for x in leaves)
-                    out = scaled_dot_product_attention(lq, lk, lv, is_causal=True, scale=opts["scale"],
-                                                       enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+                    out = dense_sdpa(*leaves, opts["scale"])
                     grads = list(torch.autograd.grad(out, leaves, do))
             if not opts.get("residual", True):
                 return (*grads, None, None, None)

@@ -1,0 +1,441 @@
+# -*- coding: utf-8 -*-
+"""Associative recall at long context: where does top-k selection lose the needle, and does SPLA's residual help?
+
+A controlled version of issue 8's question (the corpus study in ``study.py`` could not separate the variants:
+its models were too small to retrieve at all). Multi-query associative recall (MQAR, as in Zoology / Based) in
+a long haystack of noise tokens: ``n_pairs`` key-value pairs (two tokens each) are scattered at random positions,
+then ``n_queries`` of the keys are asked again at the end, each followed by its value. Only the value after a
+query key is scored (and trained), so a model must find, for every query, the one earlier place where that key
+stood, anywhere in the context. Small models learn this in minutes, which makes the budget question sharp:
+
+1. **stage 1**: a small dense Llama-style model learns the task from scratch at a short length
+   (``short_len``: every block fits the top-k budget, so the SPLA layer is exactly dense attention);
+2. **stage 2**: that model is continued at ``long_len`` (8x the top-k budget for the ``gpu`` preset) as each
+   variant of ``experiments.common.VARIANT_HELP`` (``dense``, ``topk_taylor1``, ``topk_taylor2``, ``spla``, ...),
+   every variant for the same number of steps (fixed by timing a few steps of each, as in ``continue_long``);
+3. **evaluation**: query accuracy at several lengths (the training length and beyond), ``--seeds`` stage-2
+   seeds reported as mean and spread, plus the stage-1 model (``base``).
+
+Everything runs in one process and one command; the numbers land in ``OUT/results.json``, ``OUT/results.md``
+and ``OUT/results.png``.
+
+    python -m experiments.recall --preset tiny --out out/recall-tiny      # CPU smoke run (~1 minute)
+    python -m experiments.recall --preset gpu --out out/recall            # one ~8-minute command on one H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # `python experiments/recall.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.common import (MAIN_VARIANTS, VARIANT_HELP, autocast, eval_spla, variant_spla,  # noqa: E402
+                                write_json)
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------- the task
+@dataclass(frozen=True)
+class RecallTask:
+    """Token layout: 0 is never used, ``1..noise`` are haystack tokens, then ``keys`` key tokens, then ``values``
+    value tokens. A sequence of length ``T``: noise with ``n_pairs`` (key, value) pairs at random even offsets,
+    then, in its last ``2 * n_queries`` tokens, ``n_queries`` distinct keys of those pairs each followed by its
+    value. Keys are distinct within a sequence; values are drawn independently."""
+
+    noise: int = 64
+    keys: int = 512
+    values: int = 512
+    n_pairs: int = 32
+    n_queries: int = 16
+
+    @property
+    def vocab(self) -> int:
+        return 1 + self.noise + self.keys + self.values
+
+    def min_len(self) -> int:
+        return 4 * self.n_pairs + 2 * self.n_queries + 2
+
+    def batch(self, batch: int, length: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """``(ids, targets)``, both ``[batch, length]`` int64; ``targets[b, t]`` is the value token to predict
+        at position ``t`` (the query key's position) and ``-100`` elsewhere.
+
+        Raises:
+            ValueError: when ``length`` cannot hold the pairs and the queries.
+        """
+        if length < self.min_len():
+            raise ValueError(f"length {length} is too short for {self.n_pairs} pairs and {self.n_queries} queries "
+                             f"(needs >= {self.min_len()})")
+        if self.n_queries > self.n_pairs or self.n_pairs > self.keys:
+            raise ValueError("need n_queries <= n_pairs <= keys")
+        ids = rng.integers(1, 1 + self.noise, size=(batch, length))
+        tgt = np.full((batch, length), IGNORE, dtype=np.int64)
+        ctx = length - 2 * self.n_queries          # the haystack: positions 0 .. ctx-1
+        slots = (ctx - 1) // 2                      # pair slots at odd offsets 1, 3, ...: position 0 stays noise
+        qpos = ctx + 2 * np.arange(self.n_queries)
+        for b in range(batch):
+            k = rng.choice(self.keys, size=self.n_pairs, replace=False) + 1 + self.noise
+            v = rng.integers(0, self.values, size=self.n_pairs) + 1 + self.noise + self.keys
+            at = rng.choice(slots, size=self.n_pairs, replace=False) * 2 + 1
+            ids[b, at], ids[b, at + 1] = k, v
+            q = rng.choice(self.n_pairs, size=self.n_queries, replace=False)
+            ids[b, qpos], ids[b, qpos + 1] = k[q], v[q]
+            tgt[b, qpos] = v[q]
+        return ids, tgt
+
+
+# ---------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class RecallPreset:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    task: RecallTask
+    short_len: int
+    short_batch: int
+    short_lr: float
+    short_minutes: float
+    short_max_steps: int
+    long_len: int
+    long_batch: int
+    long_lr: float
+    variant_minutes: float
+    long_max_steps: int
+    block_size: int
+    topk: int
+    eval_lengths: Tuple[int, ...]
+    eval_examples: int
+    variants: Tuple[str, ...] = MAIN_VARIANTS
+    seeds: Tuple[int, ...] = (0, 1)
+    warmup: int = 50
+    calib_steps: int = 3
+    threads: Optional[int] = None
+
+
+PRESETS: Dict[str, RecallPreset] = {
+    # CPU smoke run of the pipeline: too few steps to learn the task (not evidence)
+    "tiny": RecallPreset(
+        name="tiny", hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32,
+        task=RecallTask(noise=16, keys=32, values=32, n_pairs=4, n_queries=4),
+        short_len=64, short_batch=8, short_lr=3e-3, short_minutes=0.2, short_max_steps=30,
+        long_len=256, long_batch=2, long_lr=1e-3, variant_minutes=0.1, long_max_steps=8,
+        block_size=16, topk=4, eval_lengths=(128, 256), eval_examples=4, seeds=(0,), warmup=5, calib_steps=2,
+        threads=1),
+    # one H100 command (~7 min): stage 1 2 min, 4 variants x 2 seeds x ~25 s, evaluation ~1 min
+    "gpu": RecallPreset(
+        name="gpu", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
+        task=RecallTask(noise=64, keys=512, values=512, n_pairs=32, n_queries=16),
+        short_len=512, short_batch=64, short_lr=1e-3, short_minutes=2.0, short_max_steps=20_000,
+        long_len=4096, long_batch=8, long_lr=5e-4, variant_minutes=0.4, long_max_steps=5_000,
+        block_size=64, topk=8, eval_lengths=(512, 2048, 4096, 8192), eval_examples=64),
+}
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(preset: RecallPreset, seed: int):
+    """A random-init dense Llama of the preset's size (fp32 weights, tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=preset.task.vocab, hidden_size=preset.hidden, intermediate_size=4 * preset.hidden,
+                      num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+                      num_key_value_heads=preset.kv_heads, head_dim=preset.head_dim,
+                      max_position_embeddings=max(preset.eval_lengths + (preset.long_len,)), rope_theta=10000.0,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def as_variant(dense_model, variant: str, preset: RecallPreset, length: int):
+    """A copy of the dense model converted to ``variant`` for sequences of ``length`` tokens."""
+    import spla
+    model = copy.deepcopy(dense_model)
+    return spla.convert(model, variant_spla(variant, preset.block_size, preset.topk, length))
+
+
+def set_length(model, variant: str, preset: RecallPreset, length: int) -> None:
+    """Re-fit the top-k of a converted model to ``length`` (``dense`` keeps selecting every block)."""
+    import spla
+    cfg = eval_spla(variant_spla(variant, preset.block_size, preset.topk, preset.long_len), variant == "dense", length)
+    spla.convert(model, cfg)
+
+
+def recall_loss(model, ids: torch.Tensor, tgt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and accuracy over the scored positions only (logits formed for those rows alone)."""
+    with autocast(ids.device):
+        h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+        mask = tgt != IGNORE
+        logits = model.lm_head(h[mask]).float()
+    y = tgt[mask]
+    return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean()
+
+
+# ---------------------------------------------------------------------------------------------- training
+class Run:
+    """One model under training: its optimizer, schedule, data stream and step log."""
+
+    def __init__(self, model, preset: RecallPreset, length: int, batch: int, lr: float, steps_hint: int,
+                 seed: int, device: torch.device):
+        self.model, self.preset, self.length, self.batch = model.to(device), preset, length, batch
+        self.lr, self.steps_hint, self.device = lr, steps_hint, device
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        self.rng = np.random.default_rng([seed, length])
+        self.step, self.times, self.losses, self.accs = 0, [], [], []
+
+    def lr_at(self, step: int) -> float:
+        w = self.preset.warmup
+        if step < w:
+            return self.lr * (step + 1) / w
+        frac = min(1.0, (step - w) / max(1, self.steps_hint - w))
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def train(self, n: int) -> None:
+        self.model.train()
+        for _ in range(n):
+            ids, tgt = (torch.from_numpy(a).to(self.device)
+                        for a in self.preset.task.batch(self.batch, self.length, self.rng))
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(self.step)
+            t0 = time.perf_counter()
+            loss, acc = recall_loss(self.model, ids, tgt)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - t0)
+            self.losses.append(float(loss.detach()))
+            self.accs.append(float(acc))
+            self.step += 1
+
+    def step_s(self) -> float:
+        """Median seconds per step, the first (compilation) excluded."""
+        t = self.times[1:] or self.times
+        return float(np.median(t))
+
+    def summary(self) -> Dict[str, Any]:
+        tail = max(1, min(20, len(self.losses) // 5))
+        return {"steps": self.step, "tokens": self.step * self.batch * self.length, "seq_len": self.length,
+                "batch": self.batch, "step_s": round(self.step_s(), 5),
+                "tokens_per_s": round(self.batch * self.length / self.step_s()),
+                "final_loss": float(np.mean(self.losses[-tail:])), "final_train_acc": float(np.mean(self.accs[-tail:]))}
+
+
+@torch.no_grad()
+def accuracy(model, task: RecallTask, length: int, n: int, device: torch.device, seed: int = 12345,
+             batch_tokens: int = 65536) -> float:
+    """Share of correctly recalled values over ``n`` fresh sequences of ``length`` (argmax at each query key)."""
+    model.eval()
+    rng = np.random.default_rng([seed, length])
+    hits = total = 0
+    per = max(1, batch_tokens // length)
+    for a in range(0, n, per):
+        ids, tgt = (torch.from_numpy(x).to(device) for x in task.batch(min(per, n - a), length, rng))
+        with autocast(device):
+            h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+            mask = tgt != IGNORE
+            pred = model.lm_head(h[mask]).argmax(-1)
+        hits += int((pred == tgt[mask]).sum())
+        total += int(mask.sum())
+    return hits / total
+
+
+# ---------------------------------------------------------------------------------------------- the study
+def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence[int],
+        device: Optional[torch.device] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Stage 1, stage 2 for every variant and seed, evaluation; writes and returns ``results.json``'s content."""
+    os.makedirs(out, exist_ok=True)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    for v in variants:
+        variant_spla(v, preset.block_size, preset.topk, preset.long_len)  # unknown names fail before any training
+    for L in (preset.short_len, preset.long_len) + preset.eval_lengths:
+        preset.task.batch(1, L, np.random.default_rng(0))                  # lengths too short fail here
+    t_start = time.time()
+    timings: Dict[str, float] = {}
+
+    # stage 1: dense from scratch at the short length, for the preset's minutes
+    base = build_model(preset, seed=0)
+    n_params = sum(p.numel() for p in base.parameters())
+    log(f"recall: model {preset.layers} layers, hidden {preset.hidden}, {preset.heads}/{preset.kv_heads} heads of "
+        f"{preset.head_dim}, vocab {preset.task.vocab}: {n_params / 1e6:.2f}M parameters; device {device}")
+    stage1 = Run(as_variant(base, "dense", preset, preset.short_len), preset, preset.short_len, preset.short_batch,
+                 preset.short_lr, preset.short_max_steps, seed=0, device=device)
+    t0 = time.time()
+    stage1.train(preset.calib_steps + 1)
+    fit = int((60 * preset.short_minutes - (time.time() - t0)) / stage1.step_s())
+    total1 = max(preset.calib_steps + 2, min(preset.short_max_steps, stage1.step + fit))
+    stage1.steps_hint = total1   # the cosine schedule ends at the planned step (the first steps are warm-up)
+    while stage1.step < total1:
+        stage1.train(min(200, total1 - stage1.step))
+        log(f"recall: stage 1 step {stage1.step}/{total1}: loss {np.mean(stage1.losses[-20:]):.3f}, "
+            f"train acc {np.mean(stage1.accs[-20:]):.3f}")
+    timings["stage1_s"] = time.time() - t0
+    # SPLA layers cannot change their merge kind in place: stage 2 converts the plain dense model, given the
+    # stage-1 weights (a merge="none" model has exactly the dense model's parameters)
+    base.load_state_dict(stage1.model.state_dict(), strict=True)
+    base.to(device)
+
+    # stage 2: every variant (and seed) from the same stage-1 weights, the same number of steps
+    runs: Dict[Tuple[str, int], Run] = {}
+    t0 = time.time()
+    for s in seeds:
+        for v in variants:
+            r = Run(as_variant(base, v, preset, preset.long_len), preset, preset.long_len, preset.long_batch,
+                    preset.long_lr, preset.long_max_steps, seed=1000 + s, device=device)
+            r.train(preset.calib_steps + 1)
+            runs[(v, s)] = r
+    calib_s = time.time() - t0
+    share = 60 * preset.variant_minutes
+    fit = min(int(max(0.0, share - calib_s / len(runs)) / r.step_s()) for r in runs.values())
+    total2 = max(preset.calib_steps + 2, min(preset.long_max_steps, preset.calib_steps + 1 + fit))
+    log(f"recall: stage 2: {total2} steps per variant and seed ("
+        + ", ".join(f"{v} {runs[(v, seeds[0])].step_s() * 1e3:.1f} ms/step" for v in variants) + ")")
+    for (v, s), r in runs.items():
+        r.steps_hint = total2
+        r.train(total2 - r.step)
+        log(f"recall: stage 2 {v} seed {s}: loss {np.mean(r.losses[-20:]):.3f}, train acc {np.mean(r.accs[-20:]):.3f}")
+    timings["stage2_s"] = time.time() - t0
+
+    # evaluation
+    t0 = time.time()
+    cells: List[Dict[str, Any]] = []
+    models = [("base", None, stage1.model, "dense")] + [(v, s, r.model, v) for (v, s), r in runs.items()]
+    for name, seed, model, kind in models:
+        row = {"model": name, "seed": seed, "acc": {}}
+        for L in preset.eval_lengths:
+            set_length(model, kind, preset, L)
+            row["acc"][str(L)] = accuracy(model, preset.task, L, preset.eval_examples, device)
+        cells.append(row)
+        log(f"recall: {name:>14} seed {seed}: " + ", ".join(f"{L}: {a:.3f}" for L, a in row["acc"].items()))
+    timings["eval_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+
+    results = {
+        "preset": dataclasses.asdict(preset), "device": device_name(device), "torch": torch.__version__,
+        "parameters": n_params, "timings": {k: round(x, 1) for k, x in timings.items()},
+        "stage1": stage1.summary(),
+        "stage2": [{"variant": v, "seed": s, "spla": variant_spla(v, preset.block_size, preset.topk, preset.long_len),
+                    **r.summary()} for (v, s), r in runs.items()],
+        "eval": cells,
+    }
+    write_json(os.path.join(out, "results.json"), results)
+    md = markdown(results, list(variants))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    plot(results, list(variants), os.path.join(out, "results.png"))
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _mean_std(xs: List[float]) -> str:
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs, ddof=1):.1f}"
+
+
+def table(results: Dict[str, Any], variants: List[str]) -> Dict[str, Dict[str, List[float]]]:
+    """``{model: {length: [accuracy per seed]}}`` over the evaluation cells."""
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for c in results["eval"]:
+        for L, a in c["acc"].items():
+            out.setdefault(c["model"], {}).setdefault(L, []).append(a)
+    return {m: out[m] for m in ["base"] + variants if m in out}
+
+
+def markdown(results: Dict[str, Any], variants: List[str]) -> str:
+    p = results["preset"]
+    t = p["task"]
+    lengths = [str(L) for L in p["eval_lengths"]]
+    lines = [f"# Associative recall ({p['name']} preset, {results['device']})", "",
+             f"Model: {p['layers']} layers, hidden {p['hidden']}, {p['heads']}/{p['kv_heads']} heads of {p['head_dim']}, "
+             f"{results['parameters'] / 1e6:.2f}M parameters. Task: {t['n_pairs']} key-value pairs in noise, "
+             f"{t['n_queries']} queries at the end ({t['keys']} keys, {t['values']} values, {t['noise']} noise tokens). "
+             f"Budget: top-{p['topk']} blocks of {p['block_size']} (1 sink + 2 local included).", "",
+             "| run | seed | seq len | steps | tokens | tokens/s | final loss | final train acc |",
+             "|---|---|---|---|---|---|---|---|"]
+    s1 = results["stage1"]
+    lines.append(f"| base (dense, stage 1) | 0 | {s1['seq_len']} | {s1['steps']} | {s1['tokens']:,} | "
+                 f"{s1['tokens_per_s']:,} | {s1['final_loss']:.3f} | {s1['final_train_acc']:.3f} |")
+    for r in results["stage2"]:
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['seq_len']} | {r['steps']} | {r['tokens']:,} | "
+                     f"{r['tokens_per_s']:,} | {r['final_loss']:.3f} | {r['final_train_acc']:.3f} |")
+    lines += ["", "Query accuracy, % (mean ± std over seeds where there are several):", "",
+              "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for m, accs in table(results, variants).items():
+        lines.append(f"| {m} | " + " | ".join(_mean_std(accs[L]) for L in lengths) + " |")
+    tm = results["timings"]
+    lines += ["", f"Wall time: stage 1 {tm['stage1_s']:.0f} s, stage 2 {tm['stage2_s']:.0f} s, evaluation "
+                  f"{tm['eval_s']:.0f} s, total {tm['total_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plot(results: Dict[str, Any], variants: List[str], path: str) -> None:
+    """Accuracy against evaluation length, one line per model (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    p = results["preset"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, accs in table(results, variants).items():
+        xs = [int(L) for L in accs]
+        mu = [100 * np.mean(a) for a in accs.values()]
+        sd = [100 * np.std(a) for a in accs.values()]
+        ax.errorbar(xs, mu, yerr=sd, marker="o", capsize=3, label=m, linestyle="--" if m == "base" else "-")
+    ax.axvline(p["long_len"], color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (dotted: stage-2 training length)")
+    ax.set_ylabel("query accuracy, %")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"associative recall, top-{p['topk']} x {p['block_size']} ({results['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size and budget preset (default tiny)")
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, results.png)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="stage-2 variants (default: the preset's): " + ", ".join(VARIANT_HELP))
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="stage-2 seeds (default: the preset's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    res = run(preset, args.out, args.variants or preset.variants, args.seeds or preset.seeds,
+              device=torch.device(args.device) if args.device else None,
+              log=lambda s: print(s, flush=True))
+    print("\n" + markdown(res, list(args.variants or preset.variants)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+# -*- coding: utf-8 -*-
+"""The associative-recall study (``experiments/recall.py``): the task's layout, the metric, the pipeline."""
+
+import dataclasses
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from experiments import recall as R
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_pairs=st.integers(1, 12), extra_q=st.integers(0, 11), slack=st.integers(0, 40), seed=st.integers(0, 2 ** 16))
+def test_task_layout(n_pairs, extra_q, slack, seed):
+    """Every target is the value that followed its key, once, earlier in the haystack; nothing else is scored."""
+    n_queries = min(n_pairs, 1 + extra_q)
+    task = R.RecallTask(noise=8, keys=16, values=16, n_pairs=n_pairs, n_queries=n_queries)
+    T = task.min_len() + slack
+    ids, tgt = task.batch(3, T, np.random.default_rng(seed))
+    assert ids.shape == tgt.shape == (3, T) and ids.dtype == tgt.dtype == np.int64
+    key_lo, val_lo = 1 + task.noise, 1 + task.noise + task.keys
+    ctx = T - 2 * n_queries
+    for b in range(3):
+        row, t = ids[b], tgt[b]
+        assert row.min() >= 1 and row.max() < task.vocab
+        scored = np.flatnonzero(t != R.IGNORE)
+        assert list(scored) == list(ctx + 2 * np.arange(n_queries))
+        hay = row[:ctx]
+        is_key = (hay >= key_lo) & (hay < val_lo)
+        assert is_key.sum() == n_pairs and len(set(hay[is_key])) == n_pairs      # distinct keys, each once
+        assert ((hay >= val_lo).sum()) == n_pairs                                 # one value after each key
+        assert len(set(row[scored])) == n_queries                                 # distinct query keys
+        for p in scored:
+            where = np.flatnonzero(hay == row[p])
+            assert len(where) == 1 and t[p] == hay[where[0] + 1] == row[p + 1] and t[p] >= val_lo
+
+
+def test_task_errors():
+    task = R.RecallTask(n_pairs=8, n_queries=4)
+    with pytest.raises(ValueError, match="too short"):
+        task.batch(1, task.min_len() - 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="n_queries"):
+        R.RecallTask(n_pairs=2, n_queries=3).batch(1, 64, np.random.default_rng(0))
+
+
+class _Peek(torch.nn.Module):
+    """A cheating 'model' whose hidden state at t is the one-hot of token t+1 (right) or all zeros (wrong)."""
+
+    def __init__(self, vocab, right):
+        super().__init__()
+        self.vocab, self.right = vocab, right
+        self.lm_head = torch.nn.Identity()
+        self.model = self._inner
+
+    def _inner(self, input_ids, **_):
+        nxt = torch.roll(input_ids, -1, dims=1)
+        h = torch.nn.functional.one_hot(nxt, self.vocab).float() if self.right else \
+            torch.zeros(*input_ids.shape, self.vocab)
+        return types.SimpleNamespace(last_hidden_state=h)
+
+    def eval(self):
+        return self
+
+
+def test_accuracy_metric():
+    task = R.RecallTask(noise=8, keys=32, values=32, n_pairs=6, n_queries=5)
+    cpu = torch.device("cpu")
+    assert R.accuracy(_Peek(task.vocab, True), task, 100, 7, cpu, batch_tokens=250) == 1.0
+    assert R.accuracy(_Peek(task.vocab, False), task, 100, 7, cpu) == 0.0
+
+
+def test_recall_pipeline_tiny(tmp_path):
+    """Stage 1, stage 2 (two variants, two seeds, the same step count) and the evaluation on the CPU."""
+    preset = dataclasses.replace(R.PRESETS["tiny"], short_minutes=0.02, short_max_steps=6, variant_minutes=0.01,
+                                 long_max_steps=5, eval_examples=2)
+    out = str(tmp_path / "recall")
+    res = R.run(preset, out, ["dense", "spla"], [0, 1], device=torch.device("cpu"), log=lambda s: None)
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["stage2"] == res["stage2"]
+    runs = {(r["variant"], r["seed"]): r for r in res["stage2"]}
+    assert set(runs) == {("dense", 0), ("spla", 0), ("dense", 1), ("spla", 1)}
+    assert len({r["steps"] for r in runs.values()}) == 1 and len({r["tokens"] for r in runs.values()}) == 1
+    assert runs[("spla", 0)]["spla"]["merge"] == "residual" and runs[("dense", 0)]["spla"]["merge"] == "none"
+    assert res["stage1"]["steps"] >= preset.calib_steps + 2
+    names = [(c["model"], c["seed"]) for c in res["eval"]]
+    assert names == [("base", None), ("dense", 0), ("spla", 0), ("dense", 1), ("spla", 1)]
+    for c in res["eval"]:
+        assert set(c["acc"]) == {str(L) for L in preset.eval_lengths}
+        assert all(0.0 <= a <= 1.0 for a in c["acc"].values())
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| spla |" in md and "Query accuracy" in md
+    with pytest.raises(ValueError, match="unknown variant"):
+        R.run(preset, out, ["nope"], [0], device=torch.device("cpu"), log=lambda s: None)
