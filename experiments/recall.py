@@ -9,7 +9,9 @@ query key is scored (and trained), so a model must find, for every query, the on
 stood, anywhere in the context. Small models learn this in minutes, which makes the budget question sharp:
 
 1. **stage 1**: a small dense Llama-style model learns the task from scratch at a short length
-   (``short_len``: every block fits the top-k budget, so the SPLA layer is exactly dense attention);
+   (``short_len``: every block fits the top-k budget, so the SPLA layer is exactly dense attention), by a
+   curriculum: it starts at the task's shortest length (the pairs densely packed) and the length grows by
+   ``grow_by`` each time the training accuracy of the last ``grow_every`` steps reaches ``grow_at``;
 2. **stage 2**: that model is continued at ``long_len`` (8x the top-k budget for the ``gpu`` preset) as each
    variant of ``experiments.common.VARIANT_HELP`` (``dense``, ``topk_taylor1``, ``topk_taylor2``, ``spla``, ...),
    every variant for the same number of steps (fixed by timing a few steps of each, as in ``continue_long``);
@@ -44,6 +46,7 @@ if __package__ in (None, ""):  # `python experiments/recall.py`
 
 from experiments.common import (MAIN_VARIANTS, VARIANT_HELP, autocast, eval_spla, variant_spla,  # noqa: E402
                                 write_json)
+from experiments.evaluate import device_name  # noqa: E402
 
 IGNORE = -100
 
@@ -126,6 +129,18 @@ class RecallPreset:
     warmup: int = 50
     calib_steps: int = 3
     threads: Optional[int] = None
+    # stage-1 curriculum: start at the task's shortest length (pairs packed densely, little noise) and grow the
+    # length by ``grow_by`` whenever the training accuracy of the last ``grow_every`` steps reaches ``grow_at``
+    curriculum: bool = True
+    grow_at: float = 0.9
+    grow_by: float = 1.5
+    grow_every: int = 50
+
+    def next_length(self, length: int, recent_acc: float) -> int:
+        """The stage-1 length after a window of ``grow_every`` steps at ``length`` with accuracy ``recent_acc``."""
+        if not self.curriculum or length >= self.short_len or recent_acc < self.grow_at:
+            return length
+        return min(self.short_len, max(length + 1, int(length * self.grow_by)))
 
 
 PRESETS: Dict[str, RecallPreset] = {
@@ -194,12 +209,15 @@ class Run:
         self.lr, self.steps_hint, self.device = lr, steps_hint, device
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         self.rng = np.random.default_rng([seed, length])
-        self.step, self.times, self.losses, self.accs = 0, [], [], []
+        self.step, self.tokens, self.times, self.losses, self.accs = 0, 0, [], [], []
 
     def lr_at(self, step: int) -> float:
+        """Linear warm-up, then a cosine to 10% at ``steps_hint`` (constant when ``steps_hint`` is None)."""
         w = self.preset.warmup
         if step < w:
             return self.lr * (step + 1) / w
+        if self.steps_hint is None:
+            return self.lr
         frac = min(1.0, (step - w) / max(1, self.steps_hint - w))
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
@@ -222,6 +240,7 @@ class Run:
             self.losses.append(float(loss.detach()))
             self.accs.append(float(acc))
             self.step += 1
+            self.tokens += self.batch * self.length
 
     def step_s(self) -> float:
         """Median seconds per step, the first (compilation) excluded."""
@@ -230,7 +249,7 @@ class Run:
 
     def summary(self) -> Dict[str, Any]:
         tail = max(1, min(20, len(self.losses) // 5))
-        return {"steps": self.step, "tokens": self.step * self.batch * self.length, "seq_len": self.length,
+        return {"steps": self.step, "tokens": self.tokens, "seq_len": self.length,
                 "batch": self.batch, "step_s": round(self.step_s(), 5),
                 "tokens_per_s": round(self.batch * self.length / self.step_s()),
                 "final_loss": float(np.mean(self.losses[-tail:])), "final_train_acc": float(np.mean(self.accs[-tail:]))}
@@ -275,17 +294,25 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
     n_params = sum(p.numel() for p in base.parameters())
     log(f"recall: model {preset.layers} layers, hidden {preset.hidden}, {preset.heads}/{preset.kv_heads} heads of "
         f"{preset.head_dim}, vocab {preset.task.vocab}: {n_params / 1e6:.2f}M parameters; device {device}")
-    stage1 = Run(as_variant(base, "dense", preset, preset.short_len), preset, preset.short_len, preset.short_batch,
-                 preset.short_lr, preset.short_max_steps, seed=0, device=device)
+    start = preset.task.min_len() if preset.curriculum else preset.short_len
+    stage1 = Run(as_variant(base, "dense", preset, preset.short_len), preset, start, preset.short_batch,
+                 preset.short_lr, None, seed=0, device=device)   # constant learning rate after the warm-up
+    schedule = [(0, start)]   # (step, length) at every change of the curriculum
     t0 = time.time()
-    stage1.train(preset.calib_steps + 1)
-    fit = int((60 * preset.short_minutes - (time.time() - t0)) / stage1.step_s())
-    total1 = max(preset.calib_steps + 2, min(preset.short_max_steps, stage1.step + fit))
-    stage1.steps_hint = total1   # the cosine schedule ends at the planned step (the first steps are warm-up)
-    while stage1.step < total1:
-        stage1.train(min(200, total1 - stage1.step))
-        log(f"recall: stage 1 step {stage1.step}/{total1}: loss {np.mean(stage1.losses[-20:]):.3f}, "
-            f"train acc {np.mean(stage1.accs[-20:]):.3f}")
+    deadline = t0 + 60 * preset.short_minutes
+    while stage1.step < preset.short_max_steps and (time.time() < deadline or stage1.step <= preset.calib_steps):
+        stage1.train(min(preset.grow_every, preset.short_max_steps - stage1.step))
+        recent = float(np.mean(stage1.accs[-preset.grow_every:]))
+        if stage1.step % (4 * preset.grow_every) == 0:
+            log(f"recall: stage 1 step {stage1.step} at length {stage1.length}: loss "
+                f"{np.mean(stage1.losses[-preset.grow_every:]):.3f}, train acc {recent:.3f}")
+        grown = preset.next_length(stage1.length, recent)
+        if grown != stage1.length:
+            log(f"recall: stage 1 step {stage1.step}: train acc {recent:.3f} at length {stage1.length} -> {grown}")
+            stage1.length = grown
+            schedule.append((stage1.step, grown))
+    if stage1.length < preset.short_len:
+        log(f"recall: stage 1 reached length {stage1.length} of {preset.short_len} in its time (curriculum not done)")
     timings["stage1_s"] = time.time() - t0
     # SPLA layers cannot change their merge kind in place: stage 2 converts the plain dense model, given the
     # stage-1 weights (a merge="none" model has exactly the dense model's parameters)
@@ -330,7 +357,7 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
     results = {
         "preset": dataclasses.asdict(preset), "device": device_name(device), "torch": torch.__version__,
         "parameters": n_params, "timings": {k: round(x, 1) for k, x in timings.items()},
-        "stage1": stage1.summary(),
+        "stage1": {**stage1.summary(), "target_len": preset.short_len, "schedule": schedule},
         "stage2": [{"variant": v, "seed": s, "spla": variant_spla(v, preset.block_size, preset.topk, preset.long_len),
                     **r.summary()} for (v, s), r in runs.items()],
         "eval": cells,
@@ -341,10 +368,6 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
         f.write(md)
     plot(results, list(variants), os.path.join(out, "results.png"))
     return results
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _mean_std(xs: List[float]) -> str:
@@ -374,7 +397,8 @@ def markdown(results: Dict[str, Any], variants: List[str]) -> str:
              "| run | seed | seq len | steps | tokens | tokens/s | final loss | final train acc |",
              "|---|---|---|---|---|---|---|---|"]
     s1 = results["stage1"]
-    lines.append(f"| base (dense, stage 1) | 0 | {s1['seq_len']} | {s1['steps']} | {s1['tokens']:,} | "
+    lines.append(f"| base (dense, stage 1) | 0 | {s1['seq_len']} of {s1.get('target_len', s1['seq_len'])} | "
+                 f"{s1['steps']} | {s1['tokens']:,} | "
                  f"{s1['tokens_per_s']:,} | {s1['final_loss']:.3f} | {s1['final_train_acc']:.3f} |")
     for r in results["stage2"]:
         lines.append(f"| {r['variant']} | {r['seed']} | {r['seq_len']} | {r['steps']} | {r['tokens']:,} | "
@@ -383,6 +407,9 @@ def markdown(results: Dict[str, Any], variants: List[str]) -> str:
               "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
     for m, accs in table(results, variants).items():
         lines.append(f"| {m} | " + " | ".join(_mean_std(accs[L]) for L in lengths) + " |")
+    if len(s1.get("schedule", [])) > 1:
+        lines += ["", "Stage-1 curriculum, (step, length) at each change: "
+                  + ", ".join(f"({a}, {b})" for a, b in s1["schedule"]) + "."]
     tm = results["timings"]
     lines += ["", f"Wall time: stage 1 {tm['stage1_s']:.0f} s, stage 2 {tm['stage2_s']:.0f} s, evaluation "
                   f"{tm['eval_s']:.0f} s, total {tm['total_s']:.0f} s.", ""]

@@ -96,3 +96,14 @@ def test_recall_pipeline_tiny(tmp_path):
     assert "| spla |" in md and "Query accuracy" in md
     with pytest.raises(ValueError, match="unknown variant"):
         R.run(preset, out, ["nope"], [0], device=torch.device("cpu"), log=lambda s: None)
+
+
+def test_curriculum_growth():
+    p = R.PRESETS["gpu"]
+    assert p.next_length(162, 0.5) == 162                       # not solved yet: stay
+    assert p.next_length(162, 0.95) == 243                      # solved: x1.5
+    assert p.next_length(400, 0.95) == p.short_len == 512       # capped at the stage-1 length
+    assert p.next_length(512, 1.0) == 512
+    off = dataclasses.replace(p, curriculum=False)
+    assert off.next_length(162, 1.0) == 162
+    assert dataclasses.replace(p, grow_by=1.0).next_length(100, 1.0) == 101   # always some growth
