@@ -18,11 +18,15 @@ stood, anywhere in the context. Small models learn this in minutes, which makes 
 3. **evaluation**: query accuracy at several lengths (the training length and beyond), ``--seeds`` stage-2
    seeds reported as mean and spread, plus the stage-1 model (``base``).
 
-Everything runs in one process and one command; the numbers land in ``OUT/results.json``, ``OUT/results.md``
-and ``OUT/results.png``.
+Everything runs in one process; the numbers land in ``OUT/results.json``, ``OUT/results.md`` and
+``OUT/results.png``. Stage 1 is saved in ``OUT/stage1.pt`` (model, optimizer, data stream, curriculum) at the end
+of every call and continued by the next, so a long stage 1 can span several commands (``--stage 1``), and
+``--stage 2`` runs stage 2 and the evaluation from the saved model as it is.
 
-    python -m experiments.recall --preset tiny --out out/recall-tiny      # CPU smoke run (~1 minute)
-    python -m experiments.recall --preset gpu --out out/recall            # one ~8-minute command on one H100
+    python -m experiments.recall --preset tiny --out out/recall-tiny                      # CPU smoke run (~15 s)
+    python -m experiments.recall --preset gpu --out out/recall                            # ~5 minutes on one H100
+    python -m experiments.recall --preset gpu --out out/recall --stage 1 --stage1-minutes 9   # more stage 1 (repeatable)
+    python -m experiments.recall --preset gpu --out out/recall --stage 2                  # then stage 2 + evaluation
 """
 
 from __future__ import annotations
@@ -152,12 +156,13 @@ PRESETS: Dict[str, RecallPreset] = {
         long_len=256, long_batch=2, long_lr=1e-3, variant_minutes=0.1, long_max_steps=8,
         block_size=16, topk=4, eval_lengths=(128, 256), eval_examples=4, seeds=(0,), warmup=5, calib_steps=2,
         threads=1),
-    # one H100 command (~7 min): stage 1 2 min, 4 variants x 2 seeds x ~25 s, evaluation ~1 min
+    # one H100 command (~5 min): stage 1 2 min (--stage1-minutes, or --stage 1 calls, for more), 4 variants x
+    # 2 seeds x ~18 s, evaluation ~10 s
     "gpu": RecallPreset(
         name="gpu", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
         task=RecallTask(noise=64, keys=512, values=512, n_pairs=32, n_queries=16),
         short_len=512, short_batch=64, short_lr=1e-3, short_minutes=2.0, short_max_steps=20_000,
-        long_len=4096, long_batch=8, long_lr=5e-4, variant_minutes=0.4, long_max_steps=5_000,
+        long_len=4096, long_batch=8, long_lr=5e-4, variant_minutes=0.3, long_max_steps=5_000,
         block_size=64, topk=8, eval_lengths=(512, 2048, 4096, 8192), eval_examples=64),
 }
 
@@ -242,6 +247,19 @@ class Run:
             self.step += 1
             self.tokens += self.batch * self.length
 
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue this run in another process (model, optimizer, data stream, logs)."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.bit_generator.state,
+                "step": self.step, "tokens": self.tokens, "length": self.length, "times": self.times,
+                "losses": self.losses, "accs": self.accs}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.bit_generator.state = state["rng"]
+        self.step, self.tokens, self.length = state["step"], state["tokens"], state["length"]
+        self.times, self.losses, self.accs = list(state["times"]), list(state["losses"]), list(state["accs"])
+
     def step_s(self) -> float:
         """Median seconds per step, the first (compilation) excluded."""
         t = self.times[1:] or self.times
@@ -275,9 +293,71 @@ def accuracy(model, task: RecallTask, length: int, n: int, device: torch.device,
 
 
 # ---------------------------------------------------------------------------------------------- the study
+STAGE1_FILE = "stage1.pt"
+
+
+def train_stage1(preset: RecallPreset, out: str, base, device: torch.device, minutes: Optional[float] = None,
+                 log: Callable[[str], None] = print) -> Tuple[Run, List[Tuple[int, int]], bool]:
+    """Train (or continue, from ``OUT/stage1.pt``) the dense stage-1 model for ``minutes`` (default: the preset's).
+
+    Returns the run, the curriculum's (step, length) schedule and whether the task counts as learned. Stops early
+    at ``short_max_steps``, or once the curriculum has reached ``short_len`` and the training accuracy
+    there reaches ``grow_at`` (the task is learned). Saves ``OUT/stage1.pt`` at the end of every call, so a
+    stage 1 longer than one command runs as several (``--stage 1``, repeated).
+    """
+    start = preset.task.min_len() if preset.curriculum else preset.short_len
+    run1 = Run(as_variant(base, "dense", preset, preset.short_len), preset, start, preset.short_batch,
+               preset.short_lr, None, seed=0, device=device)   # constant learning rate after the warm-up
+    schedule: List[Tuple[int, int]] = [(0, start)]   # (step, length) at every change of the curriculum
+    path = os.path.join(out, STAGE1_FILE)
+    if os.path.exists(path):
+        state = torch.load(path, map_location=device, weights_only=False)
+        run1.load_state_dict(state["run"])
+        schedule = [tuple(x) for x in state["schedule"]]
+        log(f"recall: stage 1 resumed at step {run1.step}, length {run1.length}")
+
+    def learned() -> bool:
+        n = preset.grow_every
+        return (run1.length >= preset.short_len and len(run1.accs) >= n
+                and float(np.mean(run1.accs[-n:])) >= preset.grow_at)
+
+    minutes = preset.short_minutes if minutes is None else minutes
+    deadline = time.time() + 60 * minutes
+    least = run1.step + (preset.calib_steps + 1 if minutes > 0 else 0)   # a call that trains makes a few steps
+    while (run1.step < preset.short_max_steps and not learned()
+           and (time.time() < deadline or run1.step < least)):
+        run1.train(min(preset.grow_every, preset.short_max_steps - run1.step))
+        recent = float(np.mean(run1.accs[-preset.grow_every:]))
+        if run1.step % (4 * preset.grow_every) == 0:
+            log(f"recall: stage 1 step {run1.step} at length {run1.length}: loss "
+                f"{np.mean(run1.losses[-preset.grow_every:]):.3f}, train acc {recent:.3f}")
+        grown = preset.next_length(run1.length, recent)
+        if grown != run1.length:
+            log(f"recall: stage 1 step {run1.step}: train acc {recent:.3f} at length {run1.length} -> {grown}")
+            run1.length = grown
+            schedule.append((run1.step, grown))
+    torch.save({"run": run1.state_dict(), "schedule": schedule}, path)
+    done = learned()
+    if done:
+        log(f"recall: stage 1 learned the task at length {run1.length} by step {run1.step}")
+    else:
+        log(f"recall: stage 1 stopped at step {run1.step}, length {run1.length} of {preset.short_len}, train acc "
+            f"{np.mean(run1.accs[-preset.grow_every:]):.3f} (not learned; `--stage 1` again continues it)")
+    return run1, schedule, done
+
+
 def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence[int],
-        device: Optional[torch.device] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Stage 1, stage 2 for every variant and seed, evaluation; writes and returns ``results.json``'s content."""
+        device: Optional[torch.device] = None, log: Callable[[str], None] = print, stage: str = "all",
+        stage1_minutes: Optional[float] = None) -> Dict[str, Any]:
+    """Stage 1 (continued from ``OUT/stage1.pt`` when present), then stage 2 for every variant and seed and the
+    evaluation; writes and returns ``results.json``'s content. ``stage="1"``: stage 1 only (returns its summary);
+    ``stage="2"``: stage 2 and the evaluation from the saved stage-1 model as it is."""
+    if stage not in ("1", "2", "all"):
+        raise ValueError(f"stage must be '1', '2' or 'all', got {stage!r}")
+    if stage == "2":
+        if not os.path.exists(os.path.join(out, STAGE1_FILE)):
+            raise ValueError(f"no stage-1 model in {out}: run with --stage 1 (or all) first")
+        stage1_minutes = 0.0
     os.makedirs(out, exist_ok=True)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preset.threads:
@@ -288,32 +368,16 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
         preset.task.batch(1, L, np.random.default_rng(0))                  # lengths too short fail here
     t_start = time.time()
     timings: Dict[str, float] = {}
-
-    # stage 1: dense from scratch at the short length, for the preset's minutes
     base = build_model(preset, seed=0)
     n_params = sum(p.numel() for p in base.parameters())
     log(f"recall: model {preset.layers} layers, hidden {preset.hidden}, {preset.heads}/{preset.kv_heads} heads of "
         f"{preset.head_dim}, vocab {preset.task.vocab}: {n_params / 1e6:.2f}M parameters; device {device}")
-    start = preset.task.min_len() if preset.curriculum else preset.short_len
-    stage1 = Run(as_variant(base, "dense", preset, preset.short_len), preset, start, preset.short_batch,
-                 preset.short_lr, None, seed=0, device=device)   # constant learning rate after the warm-up
-    schedule = [(0, start)]   # (step, length) at every change of the curriculum
     t0 = time.time()
-    deadline = t0 + 60 * preset.short_minutes
-    while stage1.step < preset.short_max_steps and (time.time() < deadline or stage1.step <= preset.calib_steps):
-        stage1.train(min(preset.grow_every, preset.short_max_steps - stage1.step))
-        recent = float(np.mean(stage1.accs[-preset.grow_every:]))
-        if stage1.step % (4 * preset.grow_every) == 0:
-            log(f"recall: stage 1 step {stage1.step} at length {stage1.length}: loss "
-                f"{np.mean(stage1.losses[-preset.grow_every:]):.3f}, train acc {recent:.3f}")
-        grown = preset.next_length(stage1.length, recent)
-        if grown != stage1.length:
-            log(f"recall: stage 1 step {stage1.step}: train acc {recent:.3f} at length {stage1.length} -> {grown}")
-            stage1.length = grown
-            schedule.append((stage1.step, grown))
-    if stage1.length < preset.short_len:
-        log(f"recall: stage 1 reached length {stage1.length} of {preset.short_len} in its time (curriculum not done)")
+    stage1, schedule, learned_task = train_stage1(preset, out, base, device, minutes=stage1_minutes, log=log)
     timings["stage1_s"] = time.time() - t0
+    if stage == "1":
+        return {"stage1": {**stage1.summary(), "target_len": preset.short_len, "schedule": schedule,
+                           "learned": learned_task}}
     # SPLA layers cannot change their merge kind in place: stage 2 converts the plain dense model, given the
     # stage-1 weights (a merge="none" model has exactly the dense model's parameters)
     base.load_state_dict(stage1.model.state_dict(), strict=True)
@@ -357,7 +421,7 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
     results = {
         "preset": dataclasses.asdict(preset), "device": device_name(device), "torch": torch.__version__,
         "parameters": n_params, "timings": {k: round(x, 1) for k, x in timings.items()},
-        "stage1": {**stage1.summary(), "target_len": preset.short_len, "schedule": schedule},
+        "stage1": {**stage1.summary(), "target_len": preset.short_len, "schedule": schedule, "learned": learned_task},
         "stage2": [{"variant": v, "seed": s, "spla": variant_spla(v, preset.block_size, preset.topk, preset.long_len),
                     **r.summary()} for (v, s), r in runs.items()],
         "eval": cells,
@@ -407,6 +471,9 @@ def markdown(results: Dict[str, Any], variants: List[str]) -> str:
               "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
     for m, accs in table(results, variants).items():
         lines.append(f"| {m} | " + " | ".join(_mean_std(accs[L]) for L in lengths) + " |")
+    if "learned" in s1:
+        lines += ["", f"Stage 1 {'learned' if s1['learned'] else 'did not learn'} the task (training accuracy of the "
+                      f"last {p['grow_every']} steps >= {p['grow_at']} at {s1.get('target_len')} tokens)."]
     if len(s1.get("schedule", [])) > 1:
         lines += ["", "Stage-1 curriculum, (step, length) at each change: "
                   + ", ".join(f"({a}, {b})" for a, b in s1["schedule"]) + "."]
@@ -451,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage-2 variants (default: the preset's): " + ", ".join(VARIANT_HELP))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="stage-2 seeds (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--stage", default="all", choices=["1", "2", "all"],
+                   help="1: train (or continue) stage 1 only; 2: stage 2 and the evaluation from the saved stage-1 "
+                        "model; all (default): both, stage 1 continued from OUT/stage1.pt when present")
+    p.add_argument("--stage1-minutes", type=float, default=None,
+                   help="stage-1 wall-time budget of this call (default: the preset's)")
     return p
 
 
@@ -459,7 +531,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     preset = PRESETS[args.preset]
     res = run(preset, args.out, args.variants or preset.variants, args.seeds or preset.seeds,
               device=torch.device(args.device) if args.device else None,
-              log=lambda s: print(s, flush=True))
+              log=lambda s: print(s, flush=True), stage=args.stage, stage1_minutes=args.stage1_minutes)
+    if args.stage == "1":
+        s1 = res["stage1"]
+        print(f"stage 1: {s1['steps']} steps, {s1['tokens']:,} tokens, length {s1['seq_len']} of {s1['target_len']}, "
+              f"train acc {s1['final_train_acc']:.3f}, learned: {s1['learned']}")
+        return 0
     print("\n" + markdown(res, list(args.variants or preset.variants)))
     return 0
 

@@ -79,21 +79,31 @@ def test_recall_pipeline_tiny(tmp_path):
     preset = dataclasses.replace(R.PRESETS["tiny"], short_minutes=0.02, short_max_steps=6, variant_minutes=0.01,
                                  long_max_steps=5, eval_examples=2)
     out = str(tmp_path / "recall")
-    res = R.run(preset, out, ["dense", "spla"], [0, 1], device=torch.device("cpu"), log=lambda s: None)
+    cpu, quiet = torch.device("cpu"), (lambda s: None)
+    with pytest.raises(ValueError, match="no stage-1 model"):
+        R.run(preset, out, ["dense"], [0], device=cpu, log=quiet, stage="2")
+    # stage 1 alone, twice: the second call continues the first (model, optimizer, data stream, curriculum)
+    first = R.run(dataclasses.replace(preset, short_max_steps=4), out, ["dense"], [0], device=cpu, log=quiet,
+                  stage="1")["stage1"]
+    assert first["steps"] == 4 and os.path.exists(os.path.join(out, R.STAGE1_FILE)) and first["learned"] is False
+    res = R.run(preset, out, ["dense", "spla"], [0, 1], device=cpu, log=quiet)
+    assert res["stage1"]["steps"] == preset.short_max_steps   # 4 + 2 more in the second call
+    again = R.run(preset, out, ["dense"], [0], device=cpu, log=quiet, stage="2")
+    assert again["stage1"]["steps"] == preset.short_max_steps  # stage 2 alone trains no stage-1 step
     with open(os.path.join(out, "results.json")) as f:
-        assert json.load(f)["stage2"] == res["stage2"]
+        assert json.load(f)["stage2"] == again["stage2"]           # each call writes its own results
+    assert again["stage2"][0]["final_loss"] == res["stage2"][0]["final_loss"]  # same base, seed: same run
     runs = {(r["variant"], r["seed"]): r for r in res["stage2"]}
     assert set(runs) == {("dense", 0), ("spla", 0), ("dense", 1), ("spla", 1)}
     assert len({r["steps"] for r in runs.values()}) == 1 and len({r["tokens"] for r in runs.values()}) == 1
     assert runs[("spla", 0)]["spla"]["merge"] == "residual" and runs[("dense", 0)]["spla"]["merge"] == "none"
-    assert res["stage1"]["steps"] >= preset.calib_steps + 2
     names = [(c["model"], c["seed"]) for c in res["eval"]]
     assert names == [("base", None), ("dense", 0), ("spla", 0), ("dense", 1), ("spla", 1)]
     for c in res["eval"]:
         assert set(c["acc"]) == {str(L) for L in preset.eval_lengths}
         assert all(0.0 <= a <= 1.0 for a in c["acc"].values())
     md = open(os.path.join(out, "results.md")).read()
-    assert "| spla |" in md and "Query accuracy" in md
+    assert "| dense |" in md and "Query accuracy" in md and "did not learn" in md   # the last call's (dense only)
     with pytest.raises(ValueError, match="unknown variant"):
         R.run(preset, out, ["nope"], [0], device=torch.device("cpu"), log=lambda s: None)
 
