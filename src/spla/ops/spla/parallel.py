@@ -26,7 +26,8 @@
 ``selection="oracle"``, ``cov="full"`` and block sizes whose query tile would be below 16 rows take the
 indices from :func:`spla.ops.spla.chunk.chunk_spla_select`; every other stage still runs in Triton.
 On CUDA, when every block is selected (``T <= topk * block_size``, no ``cu_seqlens``, ``Dv == D``) the op is
-causal attention with a zero residual and runs torch's SDPA (:func:`dense_fwd`).
+causal attention with a zero residual and runs torch's SDPA flash kernel on K/V expanded to the query heads
+(:func:`dense_fwd`, :func:`dense_sdpa`).
 Gradients (:func:`parallel_spla_bwd`, see the Backward section below): the sparse branch recomputes p from q, k and
 the saved per-row log-sum-exp; a token-major pass gives dq and dphi(q_lin), a KV-block-major pass (deterministic,
 default) or fp32 atomics in the token pass give dk, dv and dphi(k_lin); the global linear term has its own chunked
