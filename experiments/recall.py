@@ -103,6 +103,37 @@ class RecallTask:
             tgt[b, qpos] = v[q]
         return ids, tgt
 
+    def copy_batch(self, batch: int, length: int, seg: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """The induction warm-up of stage 1: a random segment of ``seg`` tokens (any token but 0) placed at a random
+        offset in noise and repeated at the end; every token of the repeat after its first is scored (the
+        prediction at the previous position). The offset varies, so only a content-based lookup solves it, the
+        same lookup the recall task needs, but with ``seg - 1`` scored tokens per sequence.
+
+        Raises:
+            ValueError: when ``length < 2 * seg`` or ``seg < 2``.
+        """
+        if seg < 2 or length < 2 * seg:
+            raise ValueError(f"copy segment {seg} needs 2 <= seg and 2 * seg <= length {length}")
+        ids = rng.integers(1, 1 + self.noise, size=(batch, length))
+        tgt = np.full((batch, length), IGNORE, dtype=np.int64)
+        for b in range(batch):
+            x = rng.integers(1, self.vocab, size=seg)
+            at = int(rng.integers(0, length - 2 * seg + 1))
+            ids[b, at:at + seg] = x
+            ids[b, length - seg:] = x
+            tgt[b, length - seg:length - 1] = x[1:]
+        return ids, tgt
+
+    def train_batch(self, batch: int, length: int, rng: np.random.Generator, copy_frac: float = 0.0,
+                    copy_len: int = 16) -> Tuple[np.ndarray, np.ndarray]:
+        """A training batch: ``round(batch * copy_frac)`` rows of :meth:`copy_batch`, the rest :meth:`batch`."""
+        nc = int(round(batch * copy_frac))
+        ids, tgt = self.batch(batch - nc, length, rng)
+        if nc:
+            ci, ct = self.copy_batch(nc, length, copy_len, rng)
+            ids, tgt = np.concatenate([ci, ids]), np.concatenate([ct, tgt])
+        return ids, tgt
+
 
 # ---------------------------------------------------------------------------------------------- presets
 @dataclass(frozen=True)
@@ -136,6 +167,9 @@ class RecallPreset:
     # stage-1 curriculum: start at the task's shortest length (pairs packed densely, little noise) and grow the
     # length by ``grow_by`` whenever the training accuracy of the last ``grow_every`` steps reaches ``grow_at``
     curriculum: bool = True
+    # stage 1 mixes in the induction warm-up (RecallTask.copy_batch) at this share of each batch
+    copy_frac: float = 0.5
+    copy_len: int = 16
     grow_at: float = 0.9
     grow_by: float = 1.5
     grow_every: int = 50
@@ -155,7 +189,15 @@ PRESETS: Dict[str, RecallPreset] = {
         short_len=64, short_batch=8, short_lr=3e-3, short_minutes=0.2, short_max_steps=30,
         long_len=256, long_batch=2, long_lr=1e-3, variant_minutes=0.1, long_max_steps=8,
         block_size=16, topk=4, eval_lengths=(128, 256), eval_examples=4, seeds=(0,), warmup=5, calib_steps=2,
-        threads=1),
+        threads=1, copy_len=8),
+    # the CPU-sized study (2 cores): stage 1 ~25 min, stage 2 4 variants x 2 seeds x 2.5 min, a few minutes of
+    # evaluation (torch backend); the same question at a quarter of the gpu preset's lengths
+    "cpu": RecallPreset(
+        name="cpu", hidden=128, layers=2, heads=4, kv_heads=2, head_dim=64,
+        task=RecallTask(noise=64, keys=64, values=64, n_pairs=8, n_queries=8),
+        short_len=128, short_batch=32, short_lr=1e-3, short_minutes=25.0, short_max_steps=50_000,
+        long_len=512, long_batch=8, long_lr=5e-4, variant_minutes=2.5, long_max_steps=5_000,
+        block_size=16, topk=4, eval_lengths=(128, 256, 512, 1024), eval_examples=64, copy_len=8, threads=1),
     # one H100 command (~5 min): stage 1 2 min (--stage1-minutes, or --stage 1 calls, for more), 4 variants x
     # 2 seeds x ~18 s, evaluation ~10 s
     "gpu": RecallPreset(
@@ -194,24 +236,28 @@ def set_length(model, variant: str, preset: RecallPreset, length: int) -> None:
     spla.convert(model, cfg)
 
 
-def recall_loss(model, ids: torch.Tensor, tgt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and accuracy over the scored positions only (logits formed for those rows alone)."""
+def recall_loss(model, ids: torch.Tensor, tgt: torch.Tensor, skip_rows: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the scored positions (logits formed for those positions alone) and the accuracy over
+    the scored positions of rows ``skip_rows..`` (the recall rows of a batch whose first rows are warm-up copies)."""
     with autocast(ids.device):
         h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
         mask = tgt != IGNORE
         logits = model.lm_head(h[mask]).float()
     y = tgt[mask]
-    return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean()
+    hit = (logits.argmax(-1) == y).float()
+    if skip_rows:
+        hit = hit[mask.nonzero()[:, 0] >= skip_rows]
+    return F.cross_entropy(logits, y), hit.mean()
 
 
 # ---------------------------------------------------------------------------------------------- training
 class Run:
     """One model under training: its optimizer, schedule, data stream and step log."""
 
-    def __init__(self, model, preset: RecallPreset, length: int, batch: int, lr: float, steps_hint: int,
-                 seed: int, device: torch.device):
+    def __init__(self, model, preset: RecallPreset, length: int, batch: int, lr: float, steps_hint: Optional[int],
+                 seed: int, device: torch.device, copy_frac: float = 0.0):
         self.model, self.preset, self.length, self.batch = model.to(device), preset, length, batch
-        self.lr, self.steps_hint, self.device = lr, steps_hint, device
+        self.lr, self.steps_hint, self.device, self.copy_frac = lr, steps_hint, device, copy_frac
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         self.rng = np.random.default_rng([seed, length])
         self.step, self.tokens, self.times, self.losses, self.accs = 0, 0, [], [], []
@@ -230,11 +276,12 @@ class Run:
         self.model.train()
         for _ in range(n):
             ids, tgt = (torch.from_numpy(a).to(self.device)
-                        for a in self.preset.task.batch(self.batch, self.length, self.rng))
+                        for a in self.preset.task.train_batch(self.batch, self.length, self.rng, self.copy_frac,
+                                                              self.preset.copy_len))
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step)
             t0 = time.perf_counter()
-            loss, acc = recall_loss(self.model, ids, tgt)
+            loss, acc = recall_loss(self.model, ids, tgt, skip_rows=int(round(self.batch * self.copy_frac)))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -307,7 +354,8 @@ def train_stage1(preset: RecallPreset, out: str, base, device: torch.device, min
     """
     start = preset.task.min_len() if preset.curriculum else preset.short_len
     run1 = Run(as_variant(base, "dense", preset, preset.short_len), preset, start, preset.short_batch,
-               preset.short_lr, None, seed=0, device=device)   # constant learning rate after the warm-up
+               preset.short_lr, None, seed=0, device=device,    # constant learning rate after the warm-up
+               copy_frac=preset.copy_frac)
     schedule: List[Tuple[int, int]] = [(0, start)]   # (step, length) at every change of the curriculum
     path = os.path.join(out, STAGE1_FILE)
     if os.path.exists(path):

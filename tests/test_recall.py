@@ -117,3 +117,40 @@ def test_curriculum_growth():
     off = dataclasses.replace(p, curriculum=False)
     assert off.next_length(162, 1.0) == 162
     assert dataclasses.replace(p, grow_by=1.0).next_length(100, 1.0) == 101   # always some growth
+
+
+@settings(max_examples=25, deadline=None)
+@given(seg=st.integers(2, 12), slack=st.integers(0, 30), seed=st.integers(0, 2 ** 16))
+def test_copy_warmup_layout(seg, slack, seed):
+    """The warm-up rows: the segment stands earlier at a varying offset and every scored target is the token that
+    followed the current one there; mixed batches put those rows first."""
+    task = R.RecallTask(noise=8, keys=16, values=16, n_pairs=2, n_queries=2)
+    T = max(2 * seg, task.min_len()) + slack
+    ids, tgt = task.copy_batch(4, T, seg, np.random.default_rng(seed))
+    for b in range(4):
+        rep = ids[b, T - seg:]
+        scored = np.flatnonzero(tgt[b] != R.IGNORE)
+        assert list(scored) == list(range(T - seg, T - 1))
+        assert (tgt[b, scored] == ids[b, scored + 1]).all()
+        starts = [a for a in range(T - 2 * seg + 1) if (ids[b, a:a + seg] == rep).all()]
+        assert starts                                   # the segment stands earlier
+    mixed, mt = task.train_batch(6, T, np.random.default_rng(seed), copy_frac=0.5, copy_len=seg)
+    assert mixed.shape == (6, T)
+    for b in range(3):                                  # copy rows first ...
+        assert (mt[b] != R.IGNORE).sum() == seg - 1
+    for b in range(3, 6):                               # ... then recall rows
+        assert (mt[b] != R.IGNORE).sum() == task.n_queries
+    with pytest.raises(ValueError, match="copy segment"):
+        task.copy_batch(1, 10, 6, np.random.default_rng(0))
+
+
+def test_recall_loss_accuracy_skips_copy_rows():
+    vocab = 20
+    ids = torch.randint(1, vocab, (4, 10))
+    tgt = torch.full((4, 10), R.IGNORE)
+    tgt[:2, 3] = torch.roll(ids, -1, 1)[:2, 3]          # rows 0-1 (copies): the cheat gets them right
+    tgt[2:, 5] = 0                                      # rows 2-3 (recall): token 0 never comes next: wrong
+    model = _Peek(vocab, True)
+    _, acc_all = R.recall_loss(model, ids, tgt)
+    _, acc_recall = R.recall_loss(model, ids, tgt, skip_rows=2)
+    assert float(acc_all) == 0.5 and float(acc_recall) == 0.0
