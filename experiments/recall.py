@@ -353,7 +353,9 @@ def train_stage1(preset: RecallPreset, out: str, base, device: torch.device, min
     stage 1 longer than one command runs as several (``--stage 1``, repeated).
     """
     start = preset.task.min_len() if preset.curriculum else preset.short_len
-    run1 = Run(as_variant(base, "dense", preset, preset.short_len), preset, start, preset.short_batch,
+    # the plain dense model: exactly what the SPLA layer computes with every block selected (SPEC §2), and on the
+    # CPU much faster than the layer's torch path
+    run1 = Run(copy.deepcopy(base), preset, start, preset.short_batch,
                preset.short_lr, None, seed=0, device=device,    # constant learning rate after the warm-up
                copy_frac=preset.copy_frac)
     schedule: List[Tuple[int, int]] = [(0, start)]   # (step, length) at every change of the curriculum
@@ -426,8 +428,7 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
     if stage == "1":
         return {"stage1": {**stage1.summary(), "target_len": preset.short_len, "schedule": schedule,
                            "learned": learned_task}}
-    # SPLA layers cannot change their merge kind in place: stage 2 converts the plain dense model, given the
-    # stage-1 weights (a merge="none" model has exactly the dense model's parameters)
+    # stage 2 converts copies of the plain dense model, given the stage-1 weights
     base.load_state_dict(stage1.model.state_dict(), strict=True)
     base.to(device)
 
