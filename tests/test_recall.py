@@ -76,7 +76,7 @@ def test_accuracy_metric():
 
 def test_recall_pipeline_tiny(tmp_path):
     """Stage 1, stage 2 (two variants, two seeds, the same step count) and the evaluation on the CPU."""
-    preset = dataclasses.replace(R.PRESETS["tiny"], short_minutes=0.02, short_max_steps=6, variant_minutes=0.01,
+    preset = dataclasses.replace(R.PRESETS["tiny"], short_minutes=1.0, short_max_steps=6, variant_minutes=1.0,
                                  long_max_steps=5, eval_examples=2)
     out = str(tmp_path / "recall")
     cpu, quiet = torch.device("cpu"), (lambda s: None)
