@@ -6,12 +6,14 @@ its models were too small to retrieve at all). Multi-query associative recall (M
 a long haystack of noise tokens: ``n_pairs`` key-value pairs (two tokens each) are scattered at random positions,
 then ``n_queries`` of the keys are asked again at the end, each followed by its value. Only the value after a
 query key is scored (and trained), so a model must find, for every query, the one earlier place where that key
-stood, anywhere in the context. Small models learn this in minutes, which makes the budget question sharp:
+stood, anywhere in the context. Small attention models can learn this (how many steps it takes is the open part,
+see ``docs/results.md``), which makes the budget question sharp:
 
 1. **stage 1**: a small dense Llama-style model learns the task from scratch at a short length
-   (``short_len``: every block fits the top-k budget, so the SPLA layer is exactly dense attention), by a
-   curriculum: it starts at the task's shortest length (the pairs densely packed) and the length grows by
-   ``grow_by`` each time the training accuracy of the last ``grow_every`` steps reaches ``grow_at``;
+   (``short_len``: every block fits the top-k budget, so it is trained as the plain dense model, which is what the
+   SPLA layer computes there), by a curriculum: it starts at the task's shortest length (the pairs densely
+   packed) and the length grows by ``grow_by`` each time the training accuracy of the last ``grow_every`` steps
+   reaches ``grow_at``;
 2. **stage 2**: that model is continued at ``long_len`` (8x the top-k budget for the ``gpu`` preset) as each
    variant of ``experiments.common.VARIANT_HELP`` (``dense``, ``topk_taylor1``, ``topk_taylor2``, ``spla``, ...),
    every variant for the same number of steps (fixed by timing a few steps of each, as in ``continue_long``);
@@ -24,6 +26,7 @@ of every call and continued by the next, so a long stage 1 can span several comm
 ``--stage 2`` runs stage 2 and the evaluation from the saved model as it is.
 
     python -m experiments.recall --preset tiny --out out/recall-tiny                      # CPU smoke run (~15 s)
+    python -m experiments.recall --preset cpu --out out/recall-cpu                        # the 2-core CPU size
     python -m experiments.recall --preset gpu --out out/recall                            # ~5 minutes on one H100
     python -m experiments.recall --preset gpu --out out/recall --stage 1 --stage1-minutes 9   # more stage 1 (repeatable)
     python -m experiments.recall --preset gpu --out out/recall --stage 2                  # then stage 2 + evaluation
