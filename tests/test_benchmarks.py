@@ -69,3 +69,17 @@ def test_flex_block_sparse_backward_reaches_inputs():
     refs = torch.autograd.grad(ref.square().sum(), [q, k, v])
     for g, r in zip(grads, refs):
         assert rel_err(g, r) < 1e-2
+
+
+def test_gpu_suite_script_parses_and_covers_its_usage():
+    """benchmarks/run_gpu_suite.sh: valid bash, and every step its usage line names has a case branch."""
+    import os
+    import re
+    import subprocess
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "run_gpu_suite.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    usage = re.search(r"run_gpu_suite\.sh \[([a-z|-]+)\]", text).group(1).split("|")
+    branches = set(re.findall(r"^\s+([a-z|-]+)\)", text, flags=re.M))
+    named = {w for b in branches for w in b.split("|")}
+    assert set(usage) <= named, set(usage) - named
