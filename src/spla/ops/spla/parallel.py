@@ -379,10 +379,15 @@ def spla_fwd_kernel_sparse(
     tl.store(o + p_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_o)
     if STORE_LSE:
         tl.store(lse + p_row, b_mi + tl.log2(b_li), mask=m_g)
-    # residual = global - selected, exactly 0 when every visible token is selected (counted)
+    # residual = global - selected, exactly 0 when every visible token is selected (counted); without the
+    # linear branch (LIN=False: glob unread, b_lin and b_ms stay 0) exactly 0 everywhere
     empty = tl.sum(b_cnt, 0) == pos + 1
-    b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
-    b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
+    if LIN:
+        b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
+        b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
+    else:
+        b_gl = tl.zeros([GP, BDV], dtype=tl.float32)
+        b_gm = tl.zeros([GP], dtype=tl.float32)
     b_r = tl.where(empty, 0., b_gl - b_lin)
     b_rm = tl.where(empty, 0., b_gm - b_ms)
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_o)
@@ -518,8 +523,10 @@ def spla_fwd_kernel_merge(
     TOPK: tl.constexpr,
     BTOPK: tl.constexpr,
     STORE_LSE: tl.constexpr = False,
+    LIN: tl.constexpr = True,
 ):
-    """Merge the per-block partials of one token and KV head; the residual is 0 where nothing is unselected."""
+    """Merge the per-block partials of one token and KV head; the residual is 0 where nothing is unselected, and
+    everywhere without the linear branch (``LIN=False``: glob, glob_mass unread)."""
     i_t, i_h = tl.program_id(0).to(tl.int64) + t0, tl.program_id(1).to(tl.int64)
     pos = i_t - tl.load(tok_bos + i_t).to(tl.int64)
     o_g = tl.arange(0, GP)
@@ -550,8 +557,12 @@ def spla_fwd_kernel_merge(
     tl.store(o + p_row[:, None] * DV + o_v[None, :], (b_acc / b_den[:, None]).to(o.dtype.element_ty), mask=m_o)
     if STORE_LSE:
         tl.store(lse + p_row, b_m + tl.log2(b_den), mask=m_g)
-    b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
-    b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
+    if LIN:
+        b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
+        b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
+    else:
+        b_gl = tl.zeros([GP, BDV], dtype=tl.float32)
+        b_gm = tl.zeros([GP], dtype=tl.float32)
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], tl.where(empty, 0., b_gl).to(o_rla.dtype.element_ty), mask=m_o)
     tl.store(rla_mass + p_row, tl.where(empty, 0., b_gm), mask=m_g)
 
@@ -660,8 +671,7 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
                lse: Optional[torch.Tensor] = None):
     """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
 
-    ``lin=False`` skips the selected linear term (fq, fk unread): o_rla is then ``glob`` itself (zero where
-    nothing visible is unselected), which is the residual-free op when ``glob`` is zero.
+    ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
     ``lse``: an fp32 `[T, HQ]` buffer that receives the log2-sum-exp2 of the scaled scores (for the backward).
     """
     T, HQ, D = q.shape
@@ -711,6 +721,7 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
 
     Processes the tokens in chunks so that the per-(token, block) partials stay under ``PARTIAL_BUDGET``.
     The selected linear terms are subtracted from ``glob`` / ``glob_mass`` in place (fp32 atomics).
+    ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
     """
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
@@ -723,8 +734,6 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
     NBA = meta["all_tok"].numel()
     pdt = q.dtype
     chunk = max(1, min(T, PARTIAL_BUDGET // (H * topk * G * DV)))
-    if not lin:
-        glob, glob_mass = glob.clone(), glob_mass.clone()
     o = q.new_empty(T, HQ, DV)
     o_rla = q.new_empty(T, HQ, DV)
     rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
@@ -749,7 +758,7 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
             p_lse, p_o, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass,
             rla_mass if lse is None else lse, t0, e0,
             HQ=HQ, H=H, G=G, GP=GP, DV=DV, BDV=triton.next_power_of_2(DV), BS=block_size, TOPK=topk,
-            BTOPK=triton.next_power_of_2(topk), STORE_LSE=lse is not None, num_warps=4)
+            BTOPK=triton.next_power_of_2(topk), STORE_LSE=lse is not None, LIN=lin, num_warps=4)
     return o, o_rla, rla_mass
 
 
@@ -832,10 +841,8 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
         fq = feature_map_fwd(q_lin.reshape(B * T, HQ, -1).contiguous(), feature_map_name, dtype)
         fk = feature_map_fwd(k_lin.reshape(B * T, H, -1).contiguous(), feature_map_name, dtype)
         glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
-    else:  # the kernels read neither fq nor fk; o_rla = glob = 0
-        fq, fk = qf, kf
-        glob = torch.zeros(B * T, HQ, v.shape[-1], dtype=torch.float32, device=q.device)
-        glob_mass = torch.zeros(B * T, HQ, dtype=torch.float32, device=q.device)
+    else:  # placeholders: with lin=False the kernels read none of them and write o_rla = rla_mass = 0
+        fq, fk, glob, glob_mass = qf, kf, qf, qf
     path = SPARSE_PATH if SPARSE_PATH != "auto" else ("token" if G >= 8 else "kv")
     sparse = sparse_kv_fwd if path == "kv" else sparse_fwd
     lse = q.new_empty(B * T, HQ, dtype=torch.float32) if save_lse else None
