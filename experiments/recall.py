@@ -51,9 +51,9 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # `python experiments/recall.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import (MAIN_VARIANTS, VARIANT_HELP, autocast, eval_spla, variant_spla,  # noqa: E402
-                                write_json)
-from experiments.evaluate import device_name  # noqa: E402
+from experiments.common import (MAIN_VARIANTS, VARIANT_HELP, _batches, autocast, eval_spla,  # noqa: E402
+                                hidden_states, variant_spla, write_json)
+from experiments.evaluate import _fmt, _stats, device_name  # noqa: E402
 
 IGNORE = -100
 
@@ -247,9 +247,9 @@ def set_length(model, variant: str, preset: RecallPreset, length: int) -> None:
 def recall_loss(model, ids: torch.Tensor, tgt: torch.Tensor, skip_rows: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over the scored positions (logits formed for those positions alone) and the accuracy over
     the scored positions of rows ``skip_rows..`` (the recall rows of a batch whose first rows are warm-up copies)."""
+    h = hidden_states(model, ids)
+    mask = tgt != IGNORE
     with autocast(ids.device):
-        h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
-        mask = tgt != IGNORE
         logits = model.lm_head(h[mask]).float()
     y = tgt[mask]
     hit = (logits.argmax(-1) == y).float()
@@ -335,12 +335,11 @@ def accuracy(model, task: RecallTask, length: int, n: int, device: torch.device,
     model.eval()
     rng = np.random.default_rng([seed, length])
     hits = total = 0
-    per = max(1, batch_tokens // length)
-    for a in range(0, n, per):
-        ids, tgt = (torch.from_numpy(x).to(device) for x in task.batch(min(per, n - a), length, rng))
+    for a, b in _batches(n, length, batch_tokens):
+        ids, tgt = (torch.from_numpy(x).to(device) for x in task.batch(b - a, length, rng))
+        h = hidden_states(model, ids)
+        mask = tgt != IGNORE
         with autocast(device):
-            h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
-            mask = tgt != IGNORE
             pred = model.lm_head(h[mask]).argmax(-1)
         hits += int((pred == tgt[mask]).sum())
         total += int(mask.sum())
@@ -491,12 +490,6 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
     return results
 
 
-def _mean_std(xs: List[float]) -> str:
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs, ddof=1):.1f}"
-
-
 def table(results: Dict[str, Any], variants: List[str]) -> Dict[str, Dict[str, List[float]]]:
     """``{model: {length: [accuracy per seed]}}`` over the evaluation cells."""
     out: Dict[str, Dict[str, List[float]]] = {}
@@ -524,10 +517,10 @@ def markdown(results: Dict[str, Any], variants: List[str]) -> str:
     for r in results["stage2"]:
         lines.append(f"| {r['variant']} | {r['seed']} | {r['seq_len']} | {r['steps']} | {r['tokens']:,} | "
                      f"{r['tokens_per_s']:,} | {r['final_loss']:.3f} | {r['final_train_acc']:.3f} |")
-    lines += ["", "Query accuracy, % (mean ± std over seeds where there are several):", "",
+    lines += ["", "Query accuracy, % (mean ± sample std (number of seeds) where there are several):", "",
               "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
     for m, accs in table(results, variants).items():
-        lines.append(f"| {m} | " + " | ".join(_mean_std(accs[L]) for L in lengths) + " |")
+        lines.append(f"| {m} | " + " | ".join(_fmt(_stats(accs[L]), scale=100.0) for L in lengths) + " |")
     if "learned" in s1:
         lines += ["", f"Stage 1 {'learned' if s1['learned'] else 'did not learn'} the task (training accuracy of the "
                       f"last {p['grow_every']} steps >= {p['grow_at']} at {s1.get('target_len')} tokens)."]
@@ -552,8 +545,8 @@ def plot(results: Dict[str, Any], variants: List[str], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, accs in table(results, variants).items():
         xs = [int(L) for L in accs]
-        mu = [100 * np.mean(a) for a in accs.values()]
-        sd = [100 * np.std(a) for a in accs.values()]
+        st = [_stats(a) for a in accs.values()]
+        mu, sd = [100 * x["mean"] for x in st], [100 * x["std"] for x in st]
         ax.errorbar(xs, mu, yerr=sd, marker="o", capsize=3, label=m, linestyle="--" if m == "base" else "-")
     ax.axvline(p["long_len"], color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
