@@ -188,11 +188,9 @@ class SPLADecodeState:
         """Append ``n >= 1`` new tokens per sequence (`[B, n, *]`) and return their outputs, token by token."""
         q_lin = q if q_lin is None else q_lin
         k_lin = k if k_lin is None else k_lin
-        if q.shape[1] == 1:  # the common decode step: views, no copies (fewer launches per layer and token)
-            return SPLAOutput(*(x.unsqueeze(1) for x in self._step_one(q[:, 0], k[:, 0], v[:, 0], q_lin[:, 0],
-                                                                        k_lin[:, 0])))
         outs = [self._step_one(q[:, i], k[:, i], v[:, i], q_lin[:, i], k_lin[:, i]) for i in range(q.shape[1])]
-        return SPLAOutput(*(torch.stack(x, 1) for x in zip(*outs)))
+        # one token (the common decode step): views, no copies
+        return SPLAOutput(*(x[0].unsqueeze(1) if len(x) == 1 else torch.stack(x, 1) for x in zip(*outs)))
 
     def _step_one(self, q, k, v, q_lin, k_lin):
         """One token per sequence: q `[B, HQ, D]`, k `[B, H, D]`, v `[B, H, Dv]`."""
