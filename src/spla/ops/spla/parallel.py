@@ -284,6 +284,19 @@ def spla_fwd_kernel_topk(
              mask=m_t[:, None] & (o_k[None, :] < TOPK))
 
 
+@triton.jit
+def _global_rows(glob, glob_mass, p_row, o_v, m_o, m_g, DV: tl.constexpr, GP: tl.constexpr, BDV: tl.constexpr,
+                 LIN: tl.constexpr):
+    """The global linear term `[GP, BDV]` and its mass `[GP]` of rows ``p_row``; zeros (unread) when ``LIN=False``."""
+    if LIN:
+        b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
+        b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
+    else:
+        b_gl = tl.zeros([GP, BDV], dtype=tl.float32)
+        b_gm = tl.zeros([GP], dtype=tl.float32)
+    return b_gl, b_gm
+
+
 @triton.jit(do_not_specialize=['scale'])
 def spla_fwd_kernel_sparse(
     q,  # [T, HQ, D]
@@ -382,12 +395,7 @@ def spla_fwd_kernel_sparse(
     # residual = global - selected, exactly 0 when every visible token is selected (counted); without the
     # linear branch (LIN=False: glob unread, b_lin and b_ms stay 0) exactly 0 everywhere
     empty = tl.sum(b_cnt, 0) == pos + 1
-    if LIN:
-        b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
-        b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
-    else:
-        b_gl = tl.zeros([GP, BDV], dtype=tl.float32)
-        b_gm = tl.zeros([GP], dtype=tl.float32)
+    b_gl, b_gm = _global_rows(glob, glob_mass, p_row, o_v, m_o, m_g, DV, GP, BDV, LIN)
     b_r = tl.where(empty, 0., b_gl - b_lin)
     b_rm = tl.where(empty, 0., b_gm - b_ms)
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_o)
@@ -557,12 +565,7 @@ def spla_fwd_kernel_merge(
     tl.store(o + p_row[:, None] * DV + o_v[None, :], (b_acc / b_den[:, None]).to(o.dtype.element_ty), mask=m_o)
     if STORE_LSE:
         tl.store(lse + p_row, b_m + tl.log2(b_den), mask=m_g)
-    if LIN:
-        b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
-        b_gm = tl.load(glob_mass + p_row, mask=m_g, other=0.)
-    else:
-        b_gl = tl.zeros([GP, BDV], dtype=tl.float32)
-        b_gm = tl.zeros([GP], dtype=tl.float32)
+    b_gl, b_gm = _global_rows(glob, glob_mass, p_row, o_v, m_o, m_g, DV, GP, BDV, LIN)
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], tl.where(empty, 0., b_gl).to(o_rla.dtype.element_ty), mask=m_o)
     tl.store(rla_mass + p_row, tl.where(empty, 0., b_gm), mask=m_g)
 
