@@ -6,30 +6,31 @@ its models were too small to retrieve at all). Multi-query associative recall (M
 a long haystack of noise tokens: ``n_pairs`` key-value pairs (two tokens each) are scattered at random positions,
 then ``n_queries`` of the keys are asked again at the end, each followed by its value. Only the value after a
 query key is scored (and trained), so a model must find, for every query, the one earlier place where that key
-stood, anywhere in the context. Small attention models can learn this (how many steps it takes is the open part,
-see ``docs/results.md``), which makes the budget question sharp:
+stood, anywhere in the context. Keys and values come from one pool of symbols (see :class:`RecallTask` for why).
 
-1. **stage 1**: a small dense Llama-style model learns the task from scratch at a short length
-   (``short_len``: every block fits the top-k budget, so it is trained as the plain dense model, which is what the
-   SPLA layer computes there), by a curriculum: it starts at the task's shortest length (the pairs densely
-   packed) and the length grows by ``grow_by`` each time the training accuracy of the last ``grow_every`` steps
-   reaches ``grow_at``;
+1. **stage 1**: a small dense Llama-style model learns the task from scratch, as the plain dense model, by a
+   curriculum: it starts at the task's shortest length (the pairs densely packed) and the length grows by
+   ``grow_by`` each time the training accuracy of the last ``grow_every`` steps reaches ``grow_at``, up to
+   ``short_len`` (for the ``gpu`` preset the stage-2 length: the dense model retrieves there before any
+   conversion);
 2. **stage 2**: that model is continued at ``long_len`` (8x the top-k budget for the ``gpu`` preset) as each
    variant of ``experiments.common.VARIANT_HELP`` (``dense``, ``topk_taylor1``, ``topk_taylor2``, ``spla``, ...),
-   every variant for the same number of steps (fixed by timing a few steps of each, as in ``continue_long``);
+   every variant for the same number of steps (``--stage2-steps``, or what fits ``variant_minutes``);
 3. **evaluation**: query accuracy at several lengths (the training length and beyond), ``--seeds`` stage-2
    seeds reported as mean and spread, plus the stage-1 model (``base``).
 
 Everything runs in one process; the numbers land in ``OUT/results.json``, ``OUT/results.md`` and
 ``OUT/results.png``. Stage 1 is saved in ``OUT/stage1.pt`` (model, optimizer, data stream, curriculum) at the end
 of every call and continued by the next, so a long stage 1 can span several commands (``--stage 1``), and
-``--stage 2`` runs stage 2 and the evaluation from the saved model as it is.
+``--stage 2`` runs stage 2 and the evaluation from the saved model as it is. ``--merge`` pools the results of
+several ``--stage 2`` calls (more seeds, ablations) from one stage-1 model into one table.
 
     python -m experiments.recall --preset tiny --out out/recall-tiny                      # CPU smoke run (~15 s)
     python -m experiments.recall --preset cpu --out out/recall-cpu                        # the 2-core CPU size
     python -m experiments.recall --preset gpu --out out/recall                            # ~5 minutes on one H100
     python -m experiments.recall --preset gpu --out out/recall --stage 1 --stage1-minutes 9   # more stage 1 (repeatable)
-    python -m experiments.recall --preset gpu --out out/recall --stage 2                  # then stage 2 + evaluation
+    python -m experiments.recall --preset gpu --out out/recall --stage 2 --seeds 2 3 --stage2-steps 556
+    python -m experiments.recall --merge out/a/results.json out/b/results.json --out out/recall-all
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -61,24 +63,26 @@ IGNORE = -100
 # ---------------------------------------------------------------------------------------------- the task
 @dataclass(frozen=True)
 class RecallTask:
-    """Token layout: 0 is never used, ``1..noise`` are haystack tokens, then ``keys`` key tokens, then ``values``
-    value tokens. A sequence of length ``T``: noise with ``n_pairs`` (key, value) pairs at random even offsets,
-    then, in its last ``2 * n_queries`` tokens, ``n_queries`` distinct keys of those pairs each followed by its
-    value. Keys are distinct within a sequence; values are drawn independently.
+    """Token layout: 0 is never used, ``1..noise`` are haystack tokens, ``noise+1..noise+symbols`` the symbols that
+    keys and values are drawn from. A sequence of length ``T``: noise with ``n_pairs`` (key, value) pairs at random
+    odd offsets, then, in its last ``2 * n_queries`` tokens, ``n_queries`` distinct keys of those pairs each
+    followed by its value. Within a sequence the keys are distinct and no value is a key; values are drawn
+    independently (with replacement) from the other symbols.
 
-    Keep ``n_queries`` well below ``n_pairs``: a query can also be answered by elimination (the value of a pair
-    not yet asked), which a model learns long before the lookup; with ``n_queries == n_pairs`` the last query is
-    free and the mean accuracy of pure elimination is about ``H(n) / n`` (0.34 for 8 pairs), seen on the CPU."""
+    Keys and values share one pool, so a symbol is a key in one sequence and a value in the next. With separate key
+    and value vocabularies (this task's first design) a 2-layer model settled on "some value of this sequence"
+    and never formed the lookup, even with two pairs; with one pool the same model learned it within ~1000 steps
+    (the CPU runs in ``docs/results.md``). Keep ``n_queries`` well below ``n_pairs``: a query can also be answered by
+    elimination (the value of a pair not yet asked)."""
 
     noise: int = 64
-    keys: int = 512
-    values: int = 512
+    symbols: int = 1024
     n_pairs: int = 32
     n_queries: int = 16
 
     @property
     def vocab(self) -> int:
-        return 1 + self.noise + self.keys + self.values
+        return 1 + self.noise + self.symbols
 
     def min_len(self) -> int:
         return 4 * self.n_pairs + 2 * self.n_queries + 2
@@ -88,57 +92,27 @@ class RecallTask:
         at position ``t`` (the query key's position) and ``-100`` elsewhere.
 
         Raises:
-            ValueError: when ``length`` cannot hold the pairs and the queries.
+            ValueError: when ``length`` cannot hold the pairs and the queries, or the pool the keys and a value.
         """
         if length < self.min_len():
             raise ValueError(f"length {length} is too short for {self.n_pairs} pairs and {self.n_queries} queries "
                              f"(needs >= {self.min_len()})")
-        if self.n_queries > self.n_pairs or self.n_pairs > self.keys:
-            raise ValueError("need n_queries <= n_pairs <= keys")
+        if self.n_queries > self.n_pairs or self.n_pairs >= self.symbols:
+            raise ValueError("need n_queries <= n_pairs < symbols")
         ids = rng.integers(1, 1 + self.noise, size=(batch, length))
         tgt = np.full((batch, length), IGNORE, dtype=np.int64)
         ctx = length - 2 * self.n_queries          # the haystack: positions 0 .. ctx-1
         slots = (ctx - 1) // 2                      # pair slots at odd offsets 1, 3, ...: position 0 stays noise
         qpos = ctx + 2 * np.arange(self.n_queries)
         for b in range(batch):
-            k = rng.choice(self.keys, size=self.n_pairs, replace=False) + 1 + self.noise
-            v = rng.integers(0, self.values, size=self.n_pairs) + 1 + self.noise + self.keys
+            k = rng.choice(self.symbols, size=self.n_pairs, replace=False)
+            others = np.setdiff1d(np.arange(self.symbols), k, assume_unique=True)
+            k, v = k + 1 + self.noise, others[rng.integers(0, len(others), size=self.n_pairs)] + 1 + self.noise
             at = rng.choice(slots, size=self.n_pairs, replace=False) * 2 + 1
             ids[b, at], ids[b, at + 1] = k, v
             q = rng.choice(self.n_pairs, size=self.n_queries, replace=False)
             ids[b, qpos], ids[b, qpos + 1] = k[q], v[q]
             tgt[b, qpos] = v[q]
-        return ids, tgt
-
-    def copy_batch(self, batch: int, length: int, seg: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-        """The induction warm-up of stage 1: a random segment of ``seg`` tokens (any token but 0) placed at a random
-        offset in noise and repeated at the end; every token of the repeat after its first is scored (the
-        prediction at the previous position). The offset varies, so only a content-based lookup solves it, the
-        same lookup the recall task needs, but with ``seg - 1`` scored tokens per sequence.
-
-        Raises:
-            ValueError: when ``length < 2 * seg`` or ``seg < 2``.
-        """
-        if seg < 2 or length < 2 * seg:
-            raise ValueError(f"copy segment {seg} needs 2 <= seg and 2 * seg <= length {length}")
-        ids = rng.integers(1, 1 + self.noise, size=(batch, length))
-        tgt = np.full((batch, length), IGNORE, dtype=np.int64)
-        for b in range(batch):
-            x = rng.integers(1, self.vocab, size=seg)
-            at = int(rng.integers(0, length - 2 * seg + 1))
-            ids[b, at:at + seg] = x
-            ids[b, length - seg:] = x
-            tgt[b, length - seg:length - 1] = x[1:]
-        return ids, tgt
-
-    def train_batch(self, batch: int, length: int, rng: np.random.Generator, copy_frac: float = 0.0,
-                    copy_len: int = 16) -> Tuple[np.ndarray, np.ndarray]:
-        """A training batch: ``round(batch * copy_frac)`` rows of :meth:`copy_batch`, the rest :meth:`batch`."""
-        nc = int(round(batch * copy_frac))
-        ids, tgt = self.batch(batch - nc, length, rng)
-        if nc:
-            ci, ct = self.copy_batch(nc, length, copy_len, rng)
-            ids, tgt = np.concatenate([ci, ids]), np.concatenate([ct, tgt])
         return ids, tgt
 
 
@@ -174,10 +148,6 @@ class RecallPreset:
     # stage-1 curriculum: start at the task's shortest length (pairs packed densely, little noise) and grow the
     # length by ``grow_by`` whenever the training accuracy of the last ``grow_every`` steps reaches ``grow_at``
     curriculum: bool = True
-    # share of each stage-1 batch given to the induction warm-up (RecallTask.copy_batch); off by default: on the
-    # CPU the warm-up rows were learned (0.63 after 2600 steps at 0.5) but recall stayed at chance (docs/results.md)
-    copy_frac: float = 0.0
-    copy_len: int = 16
     grow_at: float = 0.9
     grow_by: float = 1.5
     grow_every: int = 50
@@ -193,26 +163,26 @@ PRESETS: Dict[str, RecallPreset] = {
     # CPU smoke run of the pipeline: too few steps to learn the task (not evidence)
     "tiny": RecallPreset(
         name="tiny", hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32,
-        task=RecallTask(noise=16, keys=32, values=32, n_pairs=4, n_queries=2),
+        task=RecallTask(noise=16, symbols=64, n_pairs=4, n_queries=2),
         short_len=64, short_batch=8, short_lr=3e-3, short_minutes=0.2, short_max_steps=30,
         long_len=256, long_batch=2, long_lr=1e-3, variant_minutes=0.1, long_max_steps=8,
         block_size=16, topk=4, eval_lengths=(128, 256), eval_examples=4, seeds=(0,), warmup=5, calib_steps=2,
-        threads=1, copy_len=8),
+        threads=1),
     # the CPU-sized study (2 cores): stage 1 ~25 min, stage 2 4 variants x 2 seeds x 2.5 min, a few minutes of
     # evaluation (torch backend); the same question at a quarter of the gpu preset's lengths
     "cpu": RecallPreset(
         name="cpu", hidden=128, layers=2, heads=4, kv_heads=2, head_dim=64,
-        task=RecallTask(noise=64, keys=64, values=64, n_pairs=8, n_queries=4),
-        short_len=128, short_batch=32, short_lr=1e-3, short_minutes=25.0, short_max_steps=50_000,
-        long_len=512, long_batch=8, long_lr=5e-4, variant_minutes=2.5, long_max_steps=5_000,
-        block_size=16, topk=4, eval_lengths=(128, 256, 512, 1024), eval_examples=64, copy_len=8, threads=1),
+        task=RecallTask(noise=64, symbols=128, n_pairs=8, n_queries=4),
+        short_len=512, short_batch=32, short_lr=1e-3, short_minutes=25.0, short_max_steps=50_000,
+        long_len=512, long_batch=8, long_lr=2e-4, variant_minutes=2.5, long_max_steps=5_000,
+        block_size=16, topk=4, eval_lengths=(128, 256, 512, 1024), eval_examples=64, threads=1),
     # one H100 command (~5 min): stage 1 2 min (--stage1-minutes, or --stage 1 calls, for more), 4 variants x
     # 2 seeds x ~18 s, evaluation ~10 s
     "gpu": RecallPreset(
         name="gpu", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
-        task=RecallTask(noise=64, keys=512, values=512, n_pairs=32, n_queries=16),
-        short_len=512, short_batch=64, short_lr=1e-3, short_minutes=2.0, short_max_steps=20_000,
-        long_len=4096, long_batch=8, long_lr=5e-4, variant_minutes=0.3, long_max_steps=5_000,
+        task=RecallTask(noise=64, symbols=1024, n_pairs=32, n_queries=16),
+        short_len=4096, short_batch=64, short_lr=1e-3, short_minutes=2.0, short_max_steps=20_000,
+        long_len=4096, long_batch=8, long_lr=2e-4, variant_minutes=0.3, long_max_steps=5_000,
         block_size=64, topk=8, eval_lengths=(512, 2048, 4096, 8192), eval_examples=64),
 }
 
@@ -244,18 +214,14 @@ def set_length(model, variant: str, preset: RecallPreset, length: int) -> None:
     spla.convert(model, cfg)
 
 
-def recall_loss(model, ids: torch.Tensor, tgt: torch.Tensor, skip_rows: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the scored positions (logits formed for those positions alone) and the accuracy over
-    the scored positions of rows ``skip_rows..`` (the recall rows of a batch whose first rows are warm-up copies)."""
+def recall_loss(model, ids: torch.Tensor, tgt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the scored positions (logits formed for those positions alone) and their accuracy."""
     h = hidden_states(model, ids)
     mask = tgt != IGNORE
     with autocast(ids.device):
         logits = model.lm_head(h[mask]).float()
     y = tgt[mask]
-    hit = (logits.argmax(-1) == y).float()
-    if skip_rows:
-        hit = hit[mask.nonzero()[:, 0] >= skip_rows]
-    return F.cross_entropy(logits, y), hit.mean()
+    return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean()
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -263,9 +229,9 @@ class Run:
     """One model under training: its optimizer, schedule, data stream and step log."""
 
     def __init__(self, model, preset: RecallPreset, length: int, batch: int, lr: float, steps_hint: Optional[int],
-                 seed: int, device: torch.device, copy_frac: float = 0.0):
+                 seed: int, device: torch.device):
         self.model, self.preset, self.length, self.batch = model.to(device), preset, length, batch
-        self.lr, self.steps_hint, self.device, self.copy_frac = lr, steps_hint, device, copy_frac
+        self.lr, self.steps_hint, self.device = lr, steps_hint, device
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         self.rng = np.random.default_rng([seed, length])
         self.step, self.tokens, self.times, self.losses, self.accs = 0, 0, [], [], []
@@ -284,12 +250,11 @@ class Run:
         self.model.train()
         for _ in range(n):
             ids, tgt = (torch.from_numpy(a).to(self.device)
-                        for a in self.preset.task.train_batch(self.batch, self.length, self.rng, self.copy_frac,
-                                                              self.preset.copy_len))
+                        for a in self.preset.task.batch(self.batch, self.length, self.rng))
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step)
             t0 = time.perf_counter()
-            loss, acc = recall_loss(self.model, ids, tgt, skip_rows=int(round(self.batch * self.copy_frac)))
+            loss, acc = recall_loss(self.model, ids, tgt)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -324,7 +289,7 @@ class Run:
         tail = max(1, min(20, len(self.losses) // 5))
         return {"steps": self.step, "tokens": self.tokens, "seq_len": self.length,
                 "batch": self.batch, "step_s": round(self.step_s(), 5),
-                "tokens_per_s": round(self.batch * self.length / self.step_s()),
+                "tokens_per_s": round(self.tokens / max(sum(self.times), 1e-9)),   # over every step (all lengths)
                 "final_loss": float(np.mean(self.losses[-tail:])), "final_train_acc": float(np.mean(self.accs[-tail:]))}
 
 
@@ -363,8 +328,7 @@ def train_stage1(preset: RecallPreset, out: str, base, device: torch.device, min
     # the plain dense model: exactly what the SPLA layer computes with every block selected (SPEC §2), and on the
     # CPU much faster than the layer's torch path
     run1 = Run(copy.deepcopy(base), preset, start, preset.short_batch,
-               preset.short_lr, None, seed=0, device=device,    # constant learning rate after the warm-up
-               copy_frac=preset.copy_frac)
+               preset.short_lr, None, seed=0, device=device)    # constant learning rate after the warm-up
     schedule: List[Tuple[int, int]] = [(0, start)]   # (step, length) at every change of the curriculum
     path = os.path.join(out, STAGE1_FILE)
     if os.path.exists(path):
@@ -405,10 +369,11 @@ def train_stage1(preset: RecallPreset, out: str, base, device: torch.device, min
 
 def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence[int],
         device: Optional[torch.device] = None, log: Callable[[str], None] = print, stage: str = "all",
-        stage1_minutes: Optional[float] = None) -> Dict[str, Any]:
+        stage1_minutes: Optional[float] = None, stage2_steps: Optional[int] = None) -> Dict[str, Any]:
     """Stage 1 (continued from ``OUT/stage1.pt`` when present), then stage 2 for every variant and seed and the
     evaluation; writes and returns ``results.json``'s content. ``stage="1"``: stage 1 only (returns its summary);
-    ``stage="2"``: stage 2 and the evaluation from the saved stage-1 model as it is."""
+    ``stage="2"``: stage 2 and the evaluation from the saved stage-1 model as it is. ``stage2_steps`` fixes the
+    stage-2 step count (default: what fits ``variant_minutes``), so that runs of separate calls compare."""
     if stage not in ("1", "2", "all"):
         raise ValueError(f"stage must be '1', '2' or 'all', got {stage!r}")
     if stage == "2":
@@ -452,6 +417,8 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
     share = 60 * preset.variant_minutes
     fit = min(int(max(0.0, share - calib_s / len(runs)) / r.step_s()) for r in runs.values())
     total2 = max(preset.calib_steps + 2, min(preset.long_max_steps, preset.calib_steps + 1 + fit))
+    if stage2_steps is not None:
+        total2 = max(preset.calib_steps + 1, stage2_steps)
     log(f"recall: stage 2: {total2} steps per variant and seed ("
         + ", ".join(f"{v} {runs[(v, seeds[0])].step_s() * 1e3:.1f} ms/step" for v in variants) + ")")
     for (v, s), r in runs.items():
@@ -482,12 +449,102 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
                     **r.summary()} for (v, s), r in runs.items()],
         "eval": cells,
     }
-    write_json(os.path.join(out, "results.json"), results)
-    md = markdown(results, list(variants))
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(md)
-    plot(results, list(variants), os.path.join(out, "results.png"))
+    write_results(results, out)
     return results
+
+
+def write_results(results: Dict[str, Any], out: str) -> None:
+    """``OUT/results.json``, ``results.md`` and ``results.png``."""
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "results.json"), results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(results, variants_of(results)))
+    plot(results, variants_of(results), os.path.join(out, "results.png"))
+
+
+# top-k selection rules applied to the stage-1 model without any training: how often each estimate finds the
+# needle's block at the budget, against the exact block scores (``oracle``, the upper bound of the budget)
+CONVERT_RULES: Dict[str, Dict[str, Any]] = {
+    "taylor1": dict(selection="taylor1"),
+    "taylor1_rep0": dict(selection="taylor1", rep_keys=0),
+    "taylor2": {},
+    "taylor2_rep0": dict(rep_keys=0),
+    "oracle": dict(selection="oracle", rep_keys=0),
+}
+
+
+def convert_only(preset: RecallPreset, out: str, device: Optional[torch.device] = None,
+                 log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Query accuracy at ``long_len`` of the saved stage-1 model, dense and converted to top-k attention
+    (``merge="none"``) with each rule of :data:`CONVERT_RULES`, no training; writes ``OUT/convert.json`` and
+    ``OUT/convert.md``. The same sequences as the main evaluation.
+
+    Raises:
+        ValueError: when ``OUT`` holds no stage-1 model.
+    """
+    import spla
+    path = os.path.join(out, STAGE1_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"no stage-1 model in {out}: run with --stage 1 (or all) first")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    model = build_model(preset, seed=0)
+    state = torch.load(path, map_location="cpu", weights_only=False)["run"]
+    model.load_state_dict(state["model"])
+    model.to(device)
+    L = preset.long_len
+    acc = {"dense": accuracy(model, preset.task, L, preset.eval_examples, device)}
+    log(f"recall: stage-1 model (step {state['step']}) at {L}: dense {acc['dense']:.3f}")
+    base = variant_spla("topk_taylor2", preset.block_size, preset.topk, L)
+    for name, change in CONVERT_RULES.items():
+        m = spla.convert(copy.deepcopy(model), {**base, **change})
+        acc[name] = accuracy(m, preset.task, L, preset.eval_examples, device)
+        log(f"recall: top-{preset.topk} x {preset.block_size}, {name}: {acc[name]:.3f}")
+    res = {"preset": preset.name, "device": device_name(device), "stage1_steps": state["step"], "length": L,
+           "examples": preset.eval_examples, "block_size": preset.block_size, "topk": preset.topk,
+           "rules": {k: {**base, **v} for k, v in CONVERT_RULES.items()}, "acc": acc}
+    write_json(os.path.join(out, "convert.json"), res)
+    lines = [f"Stage-1 model ({state['step']} steps) at {L} tokens, no training ({res['device']}): query accuracy "
+             f"over {preset.eval_examples} sequences with top-{preset.topk} blocks of {preset.block_size}.", "",
+             "| attention | accuracy, % |", "|---|---|"]
+    lines += [f"| {k if k == 'dense' else 'top-k, ' + k} | {100 * a:.1f} |" for k, a in acc.items()]
+    with open(os.path.join(out, "convert.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return res
+
+
+def merge(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One ``results.json`` content from the results of several calls that continued the same stage-1 model (more
+    seeds, more variants): their stage-2 runs and evaluation cells side by side, the stage-1 model's cell once.
+
+    Raises:
+        ValueError: when the parts differ in preset, stage-1 model (its step count) or stage-2 step count, or
+            repeat a (variant, seed) run.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    for r in parts[1:]:
+        for what, key in (("preset", lambda x: x["preset"]), ("stage-1 model", lambda x: x["stage1"]["steps"])):
+            if key(r) != key(first):
+                raise ValueError(f"cannot merge results of different {what}s: {key(first)} vs {key(r)}")
+    steps = {x["steps"] for r in parts for x in r["stage2"]}
+    if len(steps) > 1:
+        raise ValueError(f"cannot merge stage-2 runs of different step counts {sorted(steps)} (fix --stage2-steps)")
+    runs = [(x["variant"], x["seed"]) for r in parts for x in r["stage2"]]
+    if len(set(runs)) != len(runs):
+        raise ValueError(f"a (variant, seed) run appears twice: {runs}")
+    base = [c for c in first["eval"] if c["model"] == "base"]
+    return {**first, "stage2": [x for r in parts for x in r["stage2"]],
+            "eval": base + [c for r in parts for c in r["eval"] if c["model"] != "base"],
+            "timings": {k: round(sum(r["timings"].get(k, 0.0) for r in parts), 1) for k in first["timings"]},
+            "merged_from": len(parts)}
+
+
+def variants_of(results: Dict[str, Any]) -> List[str]:
+    """The stage-2 variants of ``results`` in their first order of appearance."""
+    return list(dict.fromkeys(x["variant"] for x in results["stage2"]))
 
 
 def table(results: Dict[str, Any], variants: List[str]) -> Dict[str, Dict[str, List[float]]]:
@@ -506,7 +563,7 @@ def markdown(results: Dict[str, Any], variants: List[str]) -> str:
     lines = [f"# Associative recall ({p['name']} preset, {results['device']})", "",
              f"Model: {p['layers']} layers, hidden {p['hidden']}, {p['heads']}/{p['kv_heads']} heads of {p['head_dim']}, "
              f"{results['parameters'] / 1e6:.2f}M parameters. Task: {t['n_pairs']} key-value pairs in noise, "
-             f"{t['n_queries']} queries at the end ({t['keys']} keys, {t['values']} values, {t['noise']} noise tokens). "
+             f"{t['n_queries']} queries at the end (keys and values from {t['symbols']} symbols, {t['noise']} noise tokens). "
              f"Budget: top-{p['topk']} blocks of {p['block_size']} (1 sink + 2 local included).", "",
              "| run | seed | seq len | steps | tokens | tokens/s | final loss | final train acc |",
              "|---|---|---|---|---|---|---|---|"]
@@ -568,20 +625,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage-2 variants (default: the preset's): " + ", ".join(VARIANT_HELP))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="stage-2 seeds (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--stage", default="all", choices=["1", "2", "all"],
+    p.add_argument("--stage", default="all", choices=["1", "2", "all", "convert"],
                    help="1: train (or continue) stage 1 only; 2: stage 2 and the evaluation from the saved stage-1 "
-                        "model; all (default): both, stage 1 continued from OUT/stage1.pt when present")
+                        "model; all (default): both, stage 1 continued from OUT/stage1.pt when present; convert: "
+                        "no training, the saved stage-1 model's accuracy at the stage-2 length as dense and as top-k "
+                        "attention with each selection rule (OUT/convert.{json,md})")
     p.add_argument("--stage1-minutes", type=float, default=None,
                    help="stage-1 wall-time budget of this call (default: the preset's)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: merge the results.json of several calls from the same stage-1 model (more "
+                        "seeds or variants, the same --stage2-steps) into OUT/results.{json,md,png}")
+    p.add_argument("--stage2-steps", type=int, default=None,
+                   help="stage-2 steps per variant and seed (default: as many as fit the preset's minutes per run); "
+                        "fix it to compare runs of separate calls")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        parts = []
+        for path in args.merge:
+            with open(path) as f:
+                parts.append(json.load(f))
+        res = merge(parts)
+        write_results(res, args.out)
+        print(markdown(res, variants_of(res)))
+        return 0
     preset = PRESETS[args.preset]
+    if args.stage == "convert":
+        convert_only(preset, args.out, device=torch.device(args.device) if args.device else None,
+                     log=lambda s: print(s, flush=True))
+        print(open(os.path.join(args.out, "convert.md")).read())
+        return 0
     res = run(preset, args.out, args.variants or preset.variants, args.seeds or preset.seeds,
               device=torch.device(args.device) if args.device else None,
-              log=lambda s: print(s, flush=True), stage=args.stage, stage1_minutes=args.stage1_minutes)
+              log=lambda s: print(s, flush=True), stage=args.stage, stage1_minutes=args.stage1_minutes,
+              stage2_steps=args.stage2_steps)
     if args.stage == "1":
         s1 = res["stage1"]
         print(f"stage 1: {s1['steps']} steps, {s1['tokens']:,} tokens, length {s1['seq_len']} of {s1['target_len']}, "

@@ -17,13 +17,13 @@ from experiments import recall as R
 @settings(max_examples=40, deadline=None)
 @given(n_pairs=st.integers(1, 12), extra_q=st.integers(0, 11), slack=st.integers(0, 40), seed=st.integers(0, 2 ** 16))
 def test_task_layout(n_pairs, extra_q, slack, seed):
-    """Every target is the value that followed its key, once, earlier in the haystack; nothing else is scored."""
+    """Every target is the value that followed its key, once, earlier in the haystack; keys are distinct and never
+    a value; nothing else is scored."""
     n_queries = min(n_pairs, 1 + extra_q)
-    task = R.RecallTask(noise=8, keys=16, values=16, n_pairs=n_pairs, n_queries=n_queries)
+    task = R.RecallTask(noise=8, symbols=24, n_pairs=n_pairs, n_queries=n_queries)
     T = task.min_len() + slack
     ids, tgt = task.batch(3, T, np.random.default_rng(seed))
     assert ids.shape == tgt.shape == (3, T) and ids.dtype == tgt.dtype == np.int64
-    key_lo, val_lo = 1 + task.noise, 1 + task.noise + task.keys
     ctx = T - 2 * n_queries
     for b in range(3):
         row, t = ids[b], tgt[b]
@@ -31,13 +31,24 @@ def test_task_layout(n_pairs, extra_q, slack, seed):
         scored = np.flatnonzero(t != R.IGNORE)
         assert list(scored) == list(ctx + 2 * np.arange(n_queries))
         hay = row[:ctx]
-        is_key = (hay >= key_lo) & (hay < val_lo)
-        assert is_key.sum() == n_pairs and len(set(hay[is_key])) == n_pairs      # distinct keys, each once
-        assert ((hay >= val_lo).sum()) == n_pairs                                 # one value after each key
+        sym = np.flatnonzero(hay > task.noise)                  # the pairs: (key, value) at (odd, next) offsets
+        assert len(sym) == 2 * n_pairs
+        keys, vals = hay[sym[0::2]], hay[sym[1::2]]
+        assert (sym[0::2] % 2 == 1).all() and (sym[1::2] == sym[0::2] + 1).all()
+        assert len(set(keys)) == n_pairs and not set(keys) & set(vals)
         assert len(set(row[scored])) == n_queries                                 # distinct query keys
         for p in scored:
             where = np.flatnonzero(hay == row[p])
-            assert len(where) == 1 and t[p] == hay[where[0] + 1] == row[p + 1] and t[p] >= val_lo
+            assert len(where) == 1 and t[p] == hay[where[0] + 1] == row[p + 1]
+
+
+def test_task_shares_one_pool():
+    """A symbol is a key in some sequences and a value in others (the design that lets the lookup form)."""
+    task = R.RecallTask(noise=8, symbols=16, n_pairs=4, n_queries=2)
+    ids, tgt = task.batch(200, task.min_len(), np.random.default_rng(0))
+    as_key = set(ids[tgt != R.IGNORE].tolist())
+    as_value = set(tgt[tgt != R.IGNORE].tolist())
+    assert len(as_key & as_value) == task.symbols
 
 
 def test_task_errors():
@@ -46,6 +57,8 @@ def test_task_errors():
         task.batch(1, task.min_len() - 1, np.random.default_rng(0))
     with pytest.raises(ValueError, match="n_queries"):
         R.RecallTask(n_pairs=2, n_queries=3).batch(1, 64, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="symbols"):
+        R.RecallTask(symbols=8, n_pairs=8, n_queries=2).batch(1, 64, np.random.default_rng(0))
 
 
 class _Peek(torch.nn.Module):
@@ -68,7 +81,7 @@ class _Peek(torch.nn.Module):
 
 
 def test_accuracy_metric():
-    task = R.RecallTask(noise=8, keys=32, values=32, n_pairs=6, n_queries=5)
+    task = R.RecallTask(noise=8, symbols=64, n_pairs=6, n_queries=5)
     cpu = torch.device("cpu")
     assert R.accuracy(_Peek(task.vocab, True), task, 100, 7, cpu, batch_tokens=250) == 1.0
     assert R.accuracy(_Peek(task.vocab, False), task, 100, 7, cpu) == 0.0
@@ -82,6 +95,8 @@ def test_recall_pipeline_tiny(tmp_path):
     cpu, quiet = torch.device("cpu"), (lambda s: None)
     with pytest.raises(ValueError, match="no stage-1 model"):
         R.run(preset, out, ["dense"], [0], device=cpu, log=quiet, stage="2")
+    with pytest.raises(ValueError, match="no stage-1 model"):
+        R.convert_only(preset, out, device=cpu, log=quiet)
     # stage 1 alone, twice: the second call continues the first (model, optimizer, data stream, curriculum)
     first = R.run(dataclasses.replace(preset, short_max_steps=4), out, ["dense"], [0], device=cpu, log=quiet,
                   stage="1")["stage1"]
@@ -106,51 +121,78 @@ def test_recall_pipeline_tiny(tmp_path):
     assert "| dense |" in md and "Query accuracy" in md and "did not learn" in md   # the last call's (dense only)
     with pytest.raises(ValueError, match="unknown variant"):
         R.run(preset, out, ["nope"], [0], device=torch.device("cpu"), log=lambda s: None)
+    # no training: the stage-1 model as dense and as top-k with every selection rule, on the evaluation's sequences
+    conv = R.convert_only(preset, out, device=cpu, log=quiet)
+    assert list(conv["acc"]) == ["dense"] + list(R.CONVERT_RULES) and conv["stage1_steps"] == preset.short_max_steps
+    assert all(0.0 <= a <= 1.0 for a in conv["acc"].values())
+    assert conv["rules"]["oracle"]["selection"] == "oracle" and conv["rules"]["taylor1"]["merge"] == "none"
+    assert conv["acc"]["dense"] == R.accuracy(_stage1_model(preset, out), preset.task, preset.long_len,
+                                              preset.eval_examples, cpu)
+    assert "| top-k, oracle |" in open(os.path.join(out, "convert.md")).read()
+
+
+def _stage1_model(preset, out):
+    m = R.build_model(preset, 0)
+    m.load_state_dict(torch.load(os.path.join(out, R.STAGE1_FILE), map_location="cpu", weights_only=False)["run"]["model"])
+    return m
 
 
 def test_curriculum_growth():
     p = R.PRESETS["gpu"]
     assert p.next_length(162, 0.5) == 162                       # not solved yet: stay
     assert p.next_length(162, 0.95) == 243                      # solved: x1.5
-    assert p.next_length(400, 0.95) == p.short_len == 512       # capped at the stage-1 length
-    assert p.next_length(512, 1.0) == 512
+    assert p.next_length(3000, 0.95) == p.short_len == 4096     # capped at the stage-1 length
+    assert p.next_length(4096, 1.0) == 4096
     off = dataclasses.replace(p, curriculum=False)
     assert off.next_length(162, 1.0) == 162
     assert dataclasses.replace(p, grow_by=1.0).next_length(100, 1.0) == 101   # always some growth
 
 
-@settings(max_examples=25, deadline=None)
-@given(seg=st.integers(2, 12), slack=st.integers(0, 30), seed=st.integers(0, 2 ** 16))
-def test_copy_warmup_layout(seg, slack, seed):
-    """The warm-up rows: the segment stands earlier at a varying offset and every scored target is the token that
-    followed the current one there; mixed batches put those rows first."""
-    task = R.RecallTask(noise=8, keys=16, values=16, n_pairs=2, n_queries=2)
-    T = max(2 * seg, task.min_len()) + slack
-    ids, tgt = task.copy_batch(4, T, seg, np.random.default_rng(seed))
-    for b in range(4):
-        rep = ids[b, T - seg:]
-        scored = np.flatnonzero(tgt[b] != R.IGNORE)
-        assert list(scored) == list(range(T - seg, T - 1))
-        assert (tgt[b, scored] == ids[b, scored + 1]).all()
-        starts = [a for a in range(T - 2 * seg + 1) if (ids[b, a:a + seg] == rep).all()]
-        assert starts                                   # the segment stands earlier
-    mixed, mt = task.train_batch(6, T, np.random.default_rng(seed), copy_frac=0.5, copy_len=seg)
-    assert mixed.shape == (6, T)
-    for b in range(3):                                  # copy rows first ...
-        assert (mt[b] != R.IGNORE).sum() == seg - 1
-    for b in range(3, 6):                               # ... then recall rows
-        assert (mt[b] != R.IGNORE).sum() == task.n_queries
-    with pytest.raises(ValueError, match="copy segment"):
-        task.copy_batch(1, 10, 6, np.random.default_rng(0))
+def _part(seeds, variants, stage1_steps=10, steps=5):
+    preset = dataclasses.asdict(R.PRESETS["tiny"])
+    cells = [{"model": "base", "seed": None, "acc": {"128": 0.5, "256": 0.25}}]
+    runs = []
+    for s in seeds:
+        for v in variants:
+            runs.append({"variant": v, "seed": s, "steps": steps, "tokens": 100, "seq_len": 256, "batch": 2,
+                         "step_s": 0.1, "tokens_per_s": 1000, "final_loss": 1.0, "final_train_acc": 0.5})
+            cells.append({"model": v, "seed": s, "acc": {"128": 0.1 * (s + 1), "256": 0.2}})
+    return {"preset": preset, "device": "cpu", "parameters": 1000,
+            "timings": {"stage1_s": 1.0, "stage2_s": 2.0, "eval_s": 0.5, "total_s": 3.5},
+            "stage1": {"steps": stage1_steps, "tokens": 10, "seq_len": 64, "target_len": 64, "batch": 8, "step_s": 0.1,
+                       "tokens_per_s": 100, "final_loss": 1.0, "final_train_acc": 0.9, "schedule": [(0, 64)],
+                       "learned": True},
+            "stage2": runs, "eval": cells}
 
 
-def test_recall_loss_accuracy_skips_copy_rows():
-    vocab = 20
-    ids = torch.randint(1, vocab, (4, 10))
-    tgt = torch.full((4, 10), R.IGNORE)
-    tgt[:2, 3] = torch.roll(ids, -1, 1)[:2, 3]          # rows 0-1 (copies): the cheat gets them right
-    tgt[2:, 5] = 0                                      # rows 2-3 (recall): token 0 never comes next: wrong
-    model = _Peek(vocab, True)
-    _, acc_all = R.recall_loss(model, ids, tgt)
-    _, acc_recall = R.recall_loss(model, ids, tgt, skip_rows=2)
-    assert float(acc_all) == 0.5 and float(acc_recall) == 0.0
+def test_merge_results(tmp_path):
+    """Calls that continued one stage-1 model merge into one table: every run once, the base cell once, the seeds
+    of a variant pooled; parts of different stage-1 models, step counts or repeated runs are refused."""
+    a, b = _part([0, 1], ["dense", "spla"]), _part([2], ["dense", "spla"])
+    c = _part([0], ["spla_elu1"])
+    m = R.merge([a, b, c])
+    assert [(x["variant"], x["seed"]) for x in m["stage2"]] == \
+        [("dense", 0), ("spla", 0), ("dense", 1), ("spla", 1), ("dense", 2), ("spla", 2), ("spla_elu1", 0)]
+    assert [c_["model"] for c_ in m["eval"]].count("base") == 1 and m["merged_from"] == 3
+    assert R.variants_of(m) == ["dense", "spla", "spla_elu1"]
+    t = R.table(m, R.variants_of(m))
+    assert t["spla"]["128"] == pytest.approx([0.1, 0.2, 0.3]) and t["spla_elu1"]["128"] == pytest.approx([0.1])
+    assert m["timings"]["stage2_s"] == 6.0
+    R.write_results(m, str(tmp_path))
+    md = open(tmp_path / "results.md").read()
+    assert "| spla | 20.0 ± 10.0 (3) |" in md and "| spla_elu1 | 10.0 |" in md
+    with pytest.raises(ValueError, match="stage-1 model"):
+        R.merge([a, _part([2], ["dense"], stage1_steps=11)])
+    with pytest.raises(ValueError, match="step counts"):
+        R.merge([a, _part([2], ["dense"], steps=6)])
+    with pytest.raises(ValueError, match="appears twice"):
+        R.merge([a, _part([1], ["spla"])])
+    with pytest.raises(ValueError, match="nothing"):
+        R.merge([])
+    # the command line: --merge writes the same files
+    for name, part in (("a.json", a), ("b.json", b)):
+        with open(tmp_path / name, "w") as f:
+            json.dump(part, f)
+    assert R.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]) == 0
+    with open(tmp_path / "m" / "results.json") as f:
+        assert len(json.load(f)["stage2"]) == 6
