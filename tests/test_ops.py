@@ -156,6 +156,39 @@ def test_property_torch_equals_naive(T, H, G, bs, topk, sink, local, selection, 
         assert_close(n, getattr(ref, n), getattr(out, n), 1e-10)
 
 
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(T=st.integers(1, 400), p0_frac=st.floats(0, 1), G=st.sampled_from([1, 3]), topk=st.integers(3, 7),
+       sink=st.integers(0, 2), local=st.integers(1, 3), sel=st.sampled_from(
+           [("taylor2", "diag", 1), ("taylor2", "full", 2), ("taylor1", "diag", 0), ("oracle", "diag", 0)]),
+       seed=st.integers(0, 2 ** 16))
+def test_select_rows_matches_per_block(T, p0_frac, G, topk, sink, local, sel, seed, monkeypatch):
+    """The grouped selection of the torch path (many query blocks scored at once, each row masked to its own
+    candidates, groups bounded by the chunk budget) picks exactly what one query block at a time picks."""
+    from spla.ops.spla import chunk
+    from spla.ops.spla.utils import block_stats
+    monkeypatch.setattr(chunk, "CHUNK_BUDGET", 1 << 12)          # several groups even at these sizes (same value
+    # on every example, so the function-scoped fixture is safe to share)
+    selection, cov, rep = sel
+    topk = max(topk, sink + local)                                  # the op requires it (validate_inputs)
+    bs, H, D = 16, 2, 16
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(T, H * G, D, generator=g, dtype=torch.float64), torch.randn(T, H, D, generator=g, dtype=torch.float64)
+    p0 = min(T - 1, int(p0_frac * T))
+    opts = dict(block_size=bs, topk=topk, sink_blocks=sink, local_blocks=local, selection=selection, cov=cov,
+                scale=D ** -0.5)
+    got = chunk.select_rows(q[p0:], k, p0, rep_keys=rep, **opts)
+    nb = T // bs
+    stats = block_stats(k, bs, cov=cov, rep_keys=rep, second_order=selection == "taylor2") \
+        if selection != "oracle" and nb else None
+    kb = k[:nb * bs].view(nb, bs, H, D) if selection == "oracle" else None
+    want = torch.full_like(got, -1)
+    for t in range(p0, T):
+        sel_t = chunk.select_query_block(q[t].view(1, H, G, D), t // bs, stats, kb, **opts)
+        want[t - p0, :, :sel_t.shape[-1]] = sel_t[0].to(torch.int32)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype,ratio", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_low_precision_inputs(dtype, ratio):
     """16-bit inputs: outputs in the input dtype, rla_mass fp32, close to the fp64 result on the same selection."""

@@ -58,7 +58,12 @@ def select_query_block(qc: torch.Tensor, c: int, stats: Optional[BlockStats], k_
 def select_rows(q: torch.Tensor, k: torch.Tensor, p0: int = 0, *, block_size: int, topk: int, sink_blocks: int,
                 local_blocks: int, selection: str, cov: str, rep_keys: int, scale: float) -> torch.Tensor:
     """Selected blocks `[n, H, topk]` (int32, ascending, -1 padded) of the queries at positions ``p0 .. p0+n-1``
-    of one sequence whose keys are k `[L, H, D]` (q `[n, HQ, D]`)."""
+    of one sequence whose keys are k `[L, H, D]` (q `[n, HQ, D]`).
+
+    Query blocks with fewer candidates than free slots take them all (:func:`select_query_block`); the others
+    (disjoint sink and local sets, ``topk - sink - local`` free picks) are scored many query blocks at a time,
+    each row's candidates masked to its own range, in groups bounded by ``CHUNK_BUDGET`` score-like elements.
+    """
     n, HQ, D = q.shape
     L, H = k.shape[:2]
     G = HQ // H
@@ -69,12 +74,46 @@ def select_rows(q: torch.Tensor, k: torch.Tensor, p0: int = 0, *, block_size: in
         stats = block_stats(k, block_size, cov=cov, rep_keys=rep_keys, second_order=selection == "taylor2")
     kb = k[: nb * block_size].to(acc).view(nb, block_size, H, D) if selection == "oracle" else None
     idx = torch.full((n, H, topk), -1, dtype=torch.int32, device=q.device)
-    for c in range(p0 // block_size, (p0 + n - 1) // block_size + 1):
+    c_first, c_last = p0 // block_size, (p0 + n - 1) // block_size
+
+    def few(c: int) -> bool:   # every candidate fits the free slots (this also covers overlapping forced sets)
+        lo, hi = candidate_range(c, sink_blocks, local_blocks)
+        return hi - lo <= topk - len(forced_blocks(c, sink_blocks, local_blocks))
+
+    c = c_first
+    while c <= c_last and few(c):
         r0, r1 = max(c * block_size, p0) - p0, min((c + 1) * block_size, p0 + n) - p0
         sel = select_query_block(q[r0:r1].to(acc).view(r1 - r0, H, G, D), c, stats, kb, block_size=block_size,
                                  topk=topk, sink_blocks=sink_blocks, local_blocks=local_blocks,
                                  selection=selection, cov=cov, scale=scale)
         idx[r0:r1, :, :sel.shape[-1]] = sel.to(torch.int32)
+        c += 1
+    if c > c_last:
+        return idx
+    # the rest: every row has sink_blocks + local_blocks forced blocks and n_free candidates to pick
+    n_free = topk - sink_blocks - local_blocks
+    lo = sink_blocks
+    width = {"oracle": block_size}.get(selection, D if (selection == "taylor2" and cov == "full") else 1 + rep_keys)
+    per_row = HQ * max(1, c_last - local_blocks + 1 - lo) * width
+    step = max(block_size, (CHUNK_BUDGET // per_row) // block_size * block_size)   # rows per group
+    forced_off = torch.arange(local_blocks - 1, -1, -1, device=q.device)
+    sinks = torch.arange(sink_blocks, device=q.device)
+    r = max(c * block_size, p0) - p0
+    while r < n:
+        r1 = min(n, r + step)
+        pos = torch.arange(p0 + r, p0 + r1, device=q.device)
+        cb = pos // block_size                                   # each row's own block
+        hi_max = int(cb[-1]) - local_blocks + 1
+        sub = None if stats is None else BlockStats(*(None if x is None else x[lo:hi_max] for x in stats))
+        l = block_log_scores(q[r:r1].to(acc).view(r1 - r, H, G, D), sub, scale, block_size, selection, cov,
+                             None if kb is None else kb[lo:hi_max])            # [m, H, G, J]
+        valid = torch.arange(lo, hi_max, device=q.device)[None] < (cb - local_blocks + 1)[:, None]   # [m, J]
+        sc = group_scores(l.masked_fill(~valid[:, None, None], float("-inf")))
+        chosen = topk_stable(sc.masked_fill(~valid[:, None], -1.0), n_free) + lo      # [m, H, n_free]
+        forced = torch.cat([sinks.expand(len(pos), -1), cb[:, None] - forced_off[None]], 1)   # [m, sink + local]
+        sel = torch.cat([forced[:, None].expand(-1, H, -1), chosen], -1).sort(-1).values
+        idx[r:r1] = sel.to(torch.int32)
+        r = r1
     return idx
 
 
