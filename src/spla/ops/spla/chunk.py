@@ -3,9 +3,9 @@
 
 Memory grows linearly in T: no ``T x T`` or ``T x (T / block_size) x heads`` tensor is ever built.
 
-1. :func:`chunk_spla_select` - block statistics per sequence, then per query block (all queries of one
-   block share the forced and candidate sets) the block scores, the per-head softmax over the candidates,
-   the group sum and a stable top-k.
+1. :func:`chunk_spla_select` - block statistics per sequence, then the block scores, the per-head softmax over
+   each query's candidates, the group sum and a stable top-k; the queries of many query blocks are scored at once
+   (each row masked to its own candidate range), in groups bounded by ``CHUNK_BUDGET``.
 2. :class:`SparseSelectedFunction` - per query chunk (rows of one query block), gather the union of the
    blocks its tokens selected, and compute with dense GEMMs, masked so that each token sees exactly its
    own selection, the exact softmax attention and, over the same tiles, the selected linear term
