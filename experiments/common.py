@@ -86,7 +86,7 @@ class Preset:
 
 MAIN_VARIANTS = ("dense", "topk_taylor1", "topk_taylor2", "spla")
 ABLATIONS = ("spla_cov_full", "spla_elu1", "spla_relu2", "spla_rattention", "spla_block_half", "spla_block_double",
-             "spla_topk_half", "spla_topk_double")
+             "spla_topk_half", "spla_topk_double", "spla_merge_lr30")
 
 _GPU = dict(
     family="gpu", hidden=384, layers=8, heads=8, kv_heads=2, head_dim=64, intermediate=1024, rope_theta=500000.0,
@@ -136,7 +136,18 @@ VARIANT_HELP = {
     "spla_block_double": "SPLA with twice the block size and half the top-k (same attended tokens)",
     "spla_topk_half": "SPLA with half the top-k",
     "spla_topk_double": "SPLA with twice the top-k",
+    "spla_merge_lr30": "SPLA whose residual scale (weight 0 at start) trains at 30x the learning rate",
 }
+
+# training options of a variant beyond its SPLAConfig fields (``spla.train.TrainConfig`` / ``param_groups`` names)
+VARIANT_TRAIN: Dict[str, Dict[str, Any]] = {
+    "spla_merge_lr30": {"merge_lr_mult": 30.0},
+}
+
+
+def variant_train(name: str) -> Dict[str, Any]:
+    """The training options of variant ``name`` that differ from the defaults (``{}`` for most)."""
+    return dict(VARIANT_TRAIN.get(name, {}))
 
 
 def variant_spla(name: str, block_size: int, topk: int, seq_len: int) -> Dict[str, Any]:
@@ -161,6 +172,7 @@ def variant_spla(name: str, block_size: int, topk: int, seq_len: int) -> Dict[st
         "spla_block_double": dict(block_size=block_size * 2, topk=topk // 2),
         "spla_topk_half": dict(topk=topk // 2),
         "spla_topk_double": dict(topk=topk * 2),
+        "spla_merge_lr30": {},
     }
     if name not in changes:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(changes)}")

@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # `python experiments/continue_long.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import (PRESETS, Layout, Preset, get_preset, latest_state, read_json,  # noqa: E402
-                                step_stats, steps_in, trained_steps, train_to, variant_spla, write_json)
+                                step_stats, steps_in, trained_steps, train_to, variant_spla, variant_train,
+                                write_json)
 from experiments.pretrain import MIN_DOC_TOKENS  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def train_config(layout: Layout, preset: Preset, variant: str, seed: int):
         seq_len=preset.long_len, batch_size=preset.long_batch, micro_batch_size=1, lr=preset.long_lr,
         warmup=preset.long_warmup, steps=preset.long_max_steps, save_every=0, keep_checkpoints=1, seed=seed,
         min_doc_tokens=MIN_DOC_TOKENS, synthetic_ratio=preset.synthetic_ratio, data_cache=layout.data_cache,
-        threads=preset.threads, tensorboard=False)
+        threads=preset.threads, tensorboard=False, **variant_train(variant))
 
 
 def _summary(layout: Layout, preset: Preset, variant: str, seed: int, planned: int) -> Dict[str, Any]:

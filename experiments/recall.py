@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # `python experiments/recall.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import (MAIN_VARIANTS, VARIANT_HELP, _batches, autocast, eval_spla,  # noqa: E402
-                                hidden_states, variant_spla, write_json)
+                                hidden_states, variant_spla, variant_train, write_json)
 from experiments.evaluate import _fmt, _stats, device_name  # noqa: E402
 
 IGNORE = -100
@@ -229,10 +229,18 @@ class Run:
     """One model under training: its optimizer, schedule, data stream and step log."""
 
     def __init__(self, model, preset: RecallPreset, length: int, batch: int, lr: float, steps_hint: Optional[int],
-                 seed: int, device: torch.device):
+                 seed: int, device: torch.device, merge_lr_mult: float = 1.0):
+        from spla.layers.spla import SPLAAttention
         self.model, self.preset, self.length, self.batch = model.to(device), preset, length, batch
         self.lr, self.steps_hint, self.device = lr, steps_hint, device
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        # weight decay 0.1 on every parameter (the recipe of the runs in docs/results.md); the SPLA merge scales in
+        # a group of their own at lr * merge_lr_mult (with 1, the same updates as one group)
+        merge = {id(p) for m in self.model.modules() if isinstance(m, SPLAAttention) for p in m.merge_parameters()}
+        groups = [([p for p in self.model.parameters() if id(p) not in merge], 1.0),
+                  ([p for p in self.model.parameters() if id(p) in merge], merge_lr_mult)]
+        groups = [(ps, mult) for ps, mult in groups if ps]
+        self.mults = [mult for _, mult in groups]      # kept outside the groups: a loaded state replaces their dicts
+        self.opt = torch.optim.AdamW([{"params": ps} for ps, _ in groups], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         self.rng = np.random.default_rng([seed, length])
         self.step, self.tokens, self.times, self.losses, self.accs = 0, 0, [], [], []
 
@@ -251,8 +259,8 @@ class Run:
         for _ in range(n):
             ids, tgt = (torch.from_numpy(a).to(self.device)
                         for a in self.preset.task.batch(self.batch, self.length, self.rng))
-            for g in self.opt.param_groups:
-                g["lr"] = self.lr_at(self.step)
+            for g, mult in zip(self.opt.param_groups, self.mults):
+                g["lr"] = self.lr_at(self.step) * mult
             t0 = time.perf_counter()
             loss, acc = recall_loss(self.model, ids, tgt)
             self.opt.zero_grad(set_to_none=True)
@@ -285,9 +293,16 @@ class Run:
         t = self.times[1:] or self.times
         return float(np.median(t))
 
+    def merge_scales(self) -> List[float]:
+        """Mean ``|w|`` of every SPLA merge scale of the model, layer by layer (``[]`` without SPLA merges): how far
+        training moved the residual branch's weight from its start (0 for ``merge="residual"``)."""
+        from spla.layers.spla import SPLAAttention
+        return [round(float(p.detach().abs().mean()), 5) for m in self.model.modules() if isinstance(m, SPLAAttention)
+                for p in m.merge_parameters()]
+
     def summary(self) -> Dict[str, Any]:
         tail = max(1, min(20, len(self.losses) // 5))
-        return {"steps": self.step, "tokens": self.tokens, "seq_len": self.length,
+        return {"merge_scales": self.merge_scales(), "steps": self.step, "tokens": self.tokens, "seq_len": self.length,
                 "batch": self.batch, "step_s": round(self.step_s(), 5),
                 "tokens_per_s": round(self.tokens / max(sum(self.times), 1e-9)),   # over every step (all lengths)
                 "final_loss": float(np.mean(self.losses[-tail:])), "final_train_acc": float(np.mean(self.accs[-tail:]))}
@@ -410,7 +425,7 @@ def run(preset: RecallPreset, out: str, variants: Sequence[str], seeds: Sequence
     for s in seeds:
         for v in variants:
             r = Run(as_variant(base, v, preset, preset.long_len), preset, preset.long_len, preset.long_batch,
-                    preset.long_lr, preset.long_max_steps, seed=1000 + s, device=device)
+                    preset.long_lr, preset.long_max_steps, seed=1000 + s, device=device, **variant_train(v))
             r.train(preset.calib_steps + 1)
             runs[(v, s)] = r
     calib_s = time.time() - t0
@@ -578,6 +593,11 @@ def markdown(results: Dict[str, Any], variants: List[str]) -> str:
               "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
     for m, accs in table(results, variants).items():
         lines.append(f"| {m} | " + " | ".join(_fmt(_stats(accs[L]), scale=100.0) for L in lengths) + " |")
+    scales = [r for r in results["stage2"] if r.get("merge_scales")]
+    if scales:
+        lines += ["", "SPLA merge scales after stage 2, mean |w| per layer (the residual's starts at 0): "
+                  + "; ".join(f"{r['variant']} seed {r['seed']}: " + ", ".join(f"{x:.3f}" for x in r["merge_scales"])
+                              for r in scales) + "."]
     if "learned" in s1:
         lines += ["", f"Stage 1 {'learned' if s1['learned'] else 'did not learn'} the task (training accuracy of the "
                       f"last {p['grow_every']} steps >= {p['grow_at']} at {s1.get('target_len')} tokens)."]

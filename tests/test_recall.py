@@ -196,3 +196,21 @@ def test_merge_results(tmp_path):
     assert R.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]) == 0
     with open(tmp_path / "m" / "results.json") as f:
         assert len(json.load(f)["stage2"]) == 6
+
+
+def test_merge_lr_variant_moves_the_residual_scale():
+    """``spla_merge_lr30`` trains the residual scale (0 at start) at 30x the learning rate, everything else as
+    ``spla``; the summary reports how far it moved."""
+    preset = R.PRESETS["tiny"]
+    cpu = torch.device("cpu")
+    base = R.build_model(preset, 0)
+    moved = {}
+    for v in ("spla", "spla_merge_lr30"):
+        run = R.Run(R.as_variant(base, v, preset, preset.long_len), preset, preset.long_len, 2, 1e-4, 10,
+                    seed=0, device=cpu, **R.variant_train(v))
+        assert run.merge_scales() == [0.0] * preset.layers
+        run.train(3)
+        moved[v] = run.summary()["merge_scales"]
+        assert len(moved[v]) == preset.layers and all(x > 0 for x in moved[v])
+    assert all(b > 10 * a for a, b in zip(moved["spla"], moved["spla_merge_lr30"]))
+    assert R.variant_train("spla") == {} and R.variant_train("spla_merge_lr30") == {"merge_lr_mult": 30.0}

@@ -15,7 +15,7 @@ pytest.importorskip("tokenizers")
 
 import spla  # noqa: E402
 from spla.train import data as D  # noqa: E402
-from spla.train.trainer import TrainConfig, _batch_layout, select_trainable, train  # noqa: E402
+from spla.train.trainer import TrainConfig, _batch_layout, param_groups, select_trainable, train  # noqa: E402
 
 BLOCK, TOPK, SEQ = 8, 3, 64
 TRAIN_SEQ = 64  # 8 blocks of 8 > topk 3: the sparse selection is active
@@ -323,6 +323,33 @@ def test_trainable_spla_changes_only_merge_norms(tiny_model_dir, tmp_path):
     after = spla.load(str(tmp_path / "s" / "checkpoint-000003")).state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("rla_norm" in k for k in changed), changed
+
+
+def test_param_groups_merge_scales(tiny_model_dir, tmp_path):
+    """Matrices decay, vectors do not, the SPLA merge scales neither decay nor share the base learning rate; frozen
+    parameters are left out; and in training the merge scales move by about lr * merge_lr_mult per step."""
+    model = spla.load(tiny_model_dir)
+    merge = {id(p) for m in model.modules() if isinstance(m, spla.layers.SPLAAttention) for p in m.merge_parameters()}
+    assert len(merge) == 2                                          # rla_norm of the 2 layers (merge="residual")
+    decay, no_decay, mg = param_groups(model, 0.1, 1e-3, merge_lr_mult=30.0)
+    assert {id(p) for p in mg["params"]} == merge and mg["lr"] == pytest.approx(3e-2) and mg["weight_decay"] == 0
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1 and decay["lr"] == 1e-3
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert not merge & {id(p) for p in decay["params"] + no_decay["params"]}
+    n = sum(p.numel() for g in (decay, no_decay, mg) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+    select_trainable(model, "spla")
+    assert [len(g["params"]) for g in param_groups(model, 0.1, 1e-3)] == [2]   # only the merge scales train
+    with pytest.raises(ValueError, match="merge_lr_mult"):
+        param_groups(model, 0.1, 1e-3, merge_lr_mult=0.0)
+    data = _write_corpus(str(tmp_path / "data"))
+    moved = {}
+    for mult in (1.0, 30.0):
+        out = tmp_path / f"m{mult:g}"
+        train(_cfg(tiny_model_dir, out, data, steps=3, lr=1e-4, warmup=0, merge_lr_mult=mult))
+        sd = spla.load(str(out / "checkpoint-000003")).state_dict()
+        moved[mult] = max(float(v.abs().max()) for k, v in sd.items() if "rla_norm" in k)
+    assert 0 < moved[1.0] <= 3.5e-4 and 10 * moved[1.0] < moved[30.0] <= 3 * 3e-3 * 1.2
 
 
 def test_two_processes_make_the_same_steps_as_one(tiny_model_dir, tmp_path):

@@ -269,6 +269,12 @@ class SPLAAttention(nn.Module):
             self.sparse_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=1.0, **kw)
             self.rla_norm = GroupRMSNorm(self.num_heads, self.head_dim, c.norm_eps, init=1.0, **kw)
 
+    def merge_parameters(self) -> List[nn.Parameter]:
+        """The merge's per-head scales (``rla_norm``, and ``sparse_norm`` for ``"rattention"``; none for
+        ``"none"``): what training should neither weight-decay nor, for a converted model whose residual scale
+        starts at 0, leave at the base learning rate (see ``TrainConfig.merge_lr_mult``)."""
+        return [m.weight for m in (self.sparse_norm, self.rla_norm) if m is not None]
+
     def set_config(self, config: SPLAConfig) -> None:
         """Change the operator options (selection, topk, ...) in place; the merge kind cannot change."""
         config = SPLAConfig.from_dict(config).validate()

@@ -71,6 +71,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     o.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
     o.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (default 0.1)")
+    o.add_argument("--merge-lr-mult", type=float, default=1.0,
+                   help="learning-rate factor of the SPLA merge scales, never weight-decayed (default 1). A converted "
+                        "model's residual scale starts at 0 and AdamW moves it by about lr per step, so at lr 1e-4 "
+                        "a thousand steps leave it below 0.1; 10-30 lets the residual branch take part sooner")
     o.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = off (default 1.0)")
     o.add_argument("--trainable", default="all", choices=["all", "attention", "spla"],
                    help="what trains: all weights, the attention modules, or only the new SPLA merge norms")
@@ -127,7 +131,7 @@ def config_from_args(args: argparse.Namespace):
         out=out, model=args.model, data=list(args.data), tokenizer=args.tokenizer, init=args.init, spla=spla,
         seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, steps=args.steps,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, trainable=args.trainable, precision=args.precision,
+        weight_decay=args.weight_decay, merge_lr_mult=args.merge_lr_mult, grad_clip=args.grad_clip, trainable=args.trainable, precision=args.precision,
         grad_checkpointing=args.grad_checkpointing, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, text_field=args.text_field, min_doc_tokens=args.min_doc_tokens,
         synthetic_ratio=args.synthetic_ratio, synthetic_tasks=list(args.synthetic_tasks),

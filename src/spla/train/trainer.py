@@ -61,6 +61,7 @@ class TrainConfig:
     warmup: int = 100
     steps: int = 1000
     weight_decay: float = 0.1
+    merge_lr_mult: float = 1.0             # learning-rate factor of the SPLA merge scales (no weight decay on them)
     adam_betas: Tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
@@ -184,12 +185,26 @@ def select_trainable(model: nn.Module, what: str) -> Tuple[int, int]:
     return n_train, total
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 merge_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
+    """AdamW parameter groups: matrices with ``weight_decay``; vectors (norms, biases) without; the SPLA merge
+    scales (``SPLAAttention.merge_parameters``) without decay and at ``lr * merge_lr_mult``. Frozen parameters
+    are left out.
+
+    Raises:
+        ValueError: when ``merge_lr_mult`` is not positive.
+    """
+    from spla.layers.spla import SPLAAttention
+    if not merge_lr_mult > 0:
+        raise ValueError(f"merge_lr_mult must be > 0, got {merge_lr_mult!r}")
+    merge_ids = {id(p) for m in model.modules() if isinstance(m, SPLAAttention) for p in m.merge_parameters()}
+    decay, no_decay, merge = [], [], []
+    for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (merge if id(p) in merge_ids else decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+              {"params": merge, "weight_decay": 0.0, "lr": lr * merge_lr_mult}]
     return [g for g in groups if g["params"]]
 
 
@@ -354,7 +369,8 @@ def train(cfg: TrainConfig, log=None) -> Dict[str, Any]:
         with open(os.path.join(ckpt, STATE_FILE)) as f:
             state = json.load(f)
         saved = state.get("config", {})
-        changed = [k for k in ("steps", "lr", "warmup", "min_lr_ratio", "batch_size", "trainable", "weight_decay")
+        changed = [k for k in ("steps", "lr", "warmup", "min_lr_ratio", "batch_size", "trainable", "weight_decay",
+                               "merge_lr_mult")
                    if k in saved and saved[k] != getattr(cfg, k)]
         if changed:
             warnings.warn("resuming with changed options: " + ", ".join(f"{k} {saved[k]} -> {getattr(cfg, k)}"
@@ -406,7 +422,7 @@ def train(cfg: TrainConfig, log=None) -> Dict[str, Any]:
 
     # ---- optimizer, schedule
     opt_kwargs: Dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), **opt_kwargs)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.merge_lr_mult), **opt_kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     start = 0
     tokens_seen = 0
@@ -550,4 +566,4 @@ def cleanup_dist() -> None:
         torch.distributed.destroy_process_group()
 
 
-__all__ = ["TrainConfig", "train", "select_trainable", "find_checkpoint", "lr_lambda", "cleanup_dist", "TRAINABLE"]
+__all__ = ["TrainConfig", "train", "param_groups", "select_trainable", "find_checkpoint", "lr_lambda", "cleanup_dist", "TRAINABLE"]
