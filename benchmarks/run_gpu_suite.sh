@@ -26,9 +26,24 @@ for w in $what; do
     generate|all) python3 benchmarks/bench_generate.py 2>&1 | tee "$OUT/bench_generate.log" ;;&
     backward|all) [ -f benchmarks/bench_backward.py ] && python3 benchmarks/bench_backward.py 2>&1 | tee "$OUT/bench_backward.log" ;;&
     model) python3 benchmarks/bench_backward.py --model-step 2>&1 | tee "$OUT/bench_model_step.log" ;;
-    recall) # the associative-recall study of issue 8 in one call: stage 1 (~1 minute on an H200) + 2 seeds x 4
-      # variants of stage 2 (~2 minutes); more seeds and the ablations: experiments/README.md
-      timeout 570 python3 -m experiments.recall --preset gpu --out "$OUT/recall" --stage1-minutes 5 2>&1 | tee "$OUT/recall.log" ;;
+    recall) # the whole associative-recall study of issue 8 in one call (~8 minutes on an H200): stage 1 (~1.5 min),
+      # then four stage-2 processes side by side on the one GPU (seeds 0-3 of the main variants, seeds 0-1 of six
+      # ablations, 556 steps each), the pooled table (--merge) and the no-training table (--stage convert).
+      # stage1.pt (27 MB) and the stage-2 logs stay in /tmp/recall; the tables, plot and logs land in $OUT/recall
+      R="python3 -m experiments.recall --preset gpu"; D=/tmp/recall
+      mkdir -p "$OUT/recall"
+      timeout 200 $R --out $D/main --stage 1 --stage1-minutes 3 2>&1 | tee "$OUT/recall/stage1.log"
+      for d in s23 ablA ablB; do mkdir -p $D/$d; cp $D/main/stage1.pt $D/$d/; done
+      $R --out $D/main --stage 2 --seeds 0 1 --stage2-steps 556 > $D/main.log 2>&1 &
+      $R --out $D/s23 --stage 2 --seeds 2 3 --stage2-steps 556 > $D/s23.log 2>&1 &
+      $R --out $D/ablA --stage 2 --seeds 0 1 --stage2-steps 556 \
+        --variants spla_merge_lr30 spla_rattention spla_elu1 spla_relu2 > $D/ablA.log 2>&1 &
+      $R --out $D/ablB --stage 2 --seeds 0 1 --stage2-steps 556 \
+        --variants spla_block_half spla_block_double spla_topk_half spla_topk_double > $D/ablB.log 2>&1 &
+      wait; tail -n 4 $D/*.log
+      $R --merge $D/main/results.json $D/s23/results.json $D/ablA/results.json $D/ablB/results.json \
+        --out "$OUT/recall"
+      $R --out $D/main --stage convert 2>&1 | tee "$OUT/recall/convert.log" ;;
     forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
   esac
 done

@@ -353,8 +353,9 @@ def train_stage1(preset: RecallPreset, out: str, base, device: torch.device, min
         log(f"recall: stage 1 resumed at step {run1.step}, length {run1.length}")
 
     def learned() -> bool:
+        # the accuracy window must lie wholly at the final length (not the window that triggered the last growth)
         n = preset.grow_every
-        return (run1.length >= preset.short_len and len(run1.accs) >= n
+        return (run1.length >= preset.short_len and run1.step - schedule[-1][0] >= n
                 and float(np.mean(run1.accs[-n:])) >= preset.grow_at)
 
     minutes = preset.short_minutes if minutes is None else minutes
