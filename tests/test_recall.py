@@ -214,3 +214,17 @@ def test_merge_lr_variant_moves_the_residual_scale():
         assert len(moved[v]) == preset.layers and all(x > 0 for x in moved[v])
     assert all(b > 10 * a for a, b in zip(moved["spla"], moved["spla_merge_lr30"]))
     assert R.variant_train("spla") == {} and R.variant_train("spla_merge_lr30") == {"merge_lr_mult": 30.0}
+
+
+@pytest.mark.parametrize("name", list(R.PRESETS), ids=lambda n: f"preset_{n}")   # not "gpu": that id is the marker
+def test_presets_are_consistent(name):
+    """Every preset's lengths hold its task, its variants are valid at its budget, and its stage-2 length is part
+    of what stage 1 grows to (the dense model retrieves there before conversion)."""
+    p = R.PRESETS[name]
+    for L in (p.short_len, p.long_len) + p.eval_lengths:
+        assert L >= p.task.min_len()
+    assert p.short_len >= p.long_len or name == "tiny"
+    assert p.task.n_queries <= p.task.n_pairs // 2 or name == "tiny"          # no elimination shortcut
+    for v in p.variants:
+        R.variant_spla(v, p.block_size, p.topk, p.long_len)
+    assert p.long_len // (p.block_size * p.topk) >= 8 or name == "tiny"       # at most 1/8 of the context selected
