@@ -30,19 +30,20 @@ for w in $what; do
       # then four stage-2 processes side by side on the one GPU (seeds 0-3 of the main variants, seeds 0-1 of six
       # ablations, 556 steps each), the pooled table (--merge) and the no-training table (--stage convert).
       # stage1.pt (27 MB) and the stage-2 logs stay in /tmp/recall; the tables, plot and logs land in $OUT/recall
-      R="python3 -m experiments.recall --preset gpu"; D=/tmp/recall
+      # (RECALL_PRESET / RECALL_STEPS override the preset and the stage-2 steps, e.g. tiny / 6 for a CPU dry run)
+      P=${RECALL_PRESET:-gpu}; N=${RECALL_STEPS:-556}
+      R="python3 -m experiments.recall --preset $P"; D=/tmp/recall-$P
       mkdir -p "$OUT/recall"
       timeout 200 $R --out $D/main --stage 1 --stage1-minutes 3 2>&1 | tee "$OUT/recall/stage1.log"
       for d in s23 ablA ablB; do mkdir -p $D/$d; cp $D/main/stage1.pt $D/$d/; done
-      $R --out $D/main --stage 2 --seeds 0 1 --stage2-steps 556 > $D/main.log 2>&1 &
-      $R --out $D/s23 --stage 2 --seeds 2 3 --stage2-steps 556 > $D/s23.log 2>&1 &
-      $R --out $D/ablA --stage 2 --seeds 0 1 --stage2-steps 556 \
+      $R --out $D/main --stage 2 --seeds 0 1 --stage2-steps $N > $D/main.log 2>&1 &
+      $R --out $D/s23 --stage 2 --seeds 2 3 --stage2-steps $N > $D/s23.log 2>&1 &
+      $R --out $D/ablA --stage 2 --seeds 0 1 --stage2-steps $N \
         --variants spla_merge_lr30 spla_rattention spla_elu1 spla_relu2 > $D/ablA.log 2>&1 &
-      $R --out $D/ablB --stage 2 --seeds 0 1 --stage2-steps 556 \
+      $R --out $D/ablB --stage 2 --seeds 0 1 --stage2-steps $N \
         --variants spla_block_half spla_block_double spla_topk_half spla_topk_double > $D/ablB.log 2>&1 &
       wait; tail -n 4 $D/*.log
-      $R --merge $D/main/results.json $D/s23/results.json $D/ablA/results.json $D/ablB/results.json \
-        --out "$OUT/recall"
+      $R --merge $(for d in main s23 ablA ablB; do ls $D/$d/results.json 2>/dev/null; done) --out "$OUT/recall"
       $R --out $D/main --stage convert 2>&1 | tee "$OUT/recall/convert.log" ;;
     forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
   esac
