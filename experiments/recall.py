@@ -237,12 +237,12 @@ class Run:
 
     def __init__(self, model, preset: RecallPreset, length: int, batch: int, lr: float, steps_hint: Optional[int],
                  seed: int, device: torch.device, merge_lr_mult: float = 1.0):
-        from spla.layers.spla import SPLAAttention
+        from spla.layers.spla import spla_layers
         self.model, self.preset, self.length, self.batch = model.to(device), preset, length, batch
         self.lr, self.steps_hint, self.device = lr, steps_hint, device
         # weight decay 0.1 on every parameter (the recipe of the runs in docs/results.md); the SPLA merge scales in
         # a group of their own at lr * merge_lr_mult (with 1, the same updates as one group)
-        merge = {id(p) for m in self.model.modules() if isinstance(m, SPLAAttention) for p in m.merge_parameters()}
+        merge = {id(p) for m in spla_layers(self.model) for p in m.merge_parameters()}
         groups = [([p for p in self.model.parameters() if id(p) not in merge], 1.0),
                   ([p for p in self.model.parameters() if id(p) in merge], merge_lr_mult)]
         groups = [(ps, mult) for ps, mult in groups if ps]
@@ -303,9 +303,8 @@ class Run:
     def merge_scales(self) -> List[float]:
         """Mean ``|w|`` of every SPLA merge scale of the model, layer by layer (``[]`` without SPLA merges): how far
         training moved the residual branch's weight from its start (0 for ``merge="residual"``)."""
-        from spla.layers.spla import SPLAAttention
-        return [round(float(p.detach().abs().mean()), 5) for m in self.model.modules() if isinstance(m, SPLAAttention)
-                for p in m.merge_parameters()]
+        from spla.layers.spla import spla_layers
+        return [round(float(p.detach().abs().mean()), 5) for m in spla_layers(self.model) for p in m.merge_parameters()]
 
     def summary(self) -> Dict[str, Any]:
         tail = max(1, min(20, len(self.losses) // 5))
@@ -586,7 +585,8 @@ def markdown(results: Dict[str, Any], variants: List[str]) -> str:
     lines = [f"# Associative recall ({p['name']} preset, {results['device']})", "",
              f"Model: {p['layers']} layers, hidden {p['hidden']}, {p['heads']}/{p['kv_heads']} heads of {p['head_dim']}, "
              f"{results['parameters'] / 1e6:.2f}M parameters. Task: {t['n_pairs']} key-value pairs in noise, "
-             f"{t['n_queries']} queries at the end (keys and values from {t['symbols']} symbols, {t['noise']} noise tokens). "
+             f"{t['n_queries']} queries at the end (keys and values from {t['symbols']} symbols, "
+             f"{t['noise']} noise tokens). "
              f"Budget: top-{p['topk']} blocks of {p['block_size']} (1 sink + 2 local included).", "",
              "| run | seed | seq len | steps | tokens | tokens/s | final loss | final train acc |",
              "|---|---|---|---|---|---|---|---|"]

@@ -6,5 +6,5 @@ from spla.train.data import (Corpus, DataError, DataWarning, PackedStream, Synth
                              cu_seqlens_of)
 from spla.train.trainer import TrainConfig, find_checkpoint, param_groups, select_trainable, train
 
-__all__ = ["TrainConfig", "train", "param_groups", "select_trainable", "find_checkpoint", "Corpus", "DataError", "DataWarning",
-           "PackedStream", "SyntheticTask", "build_corpus", "collate", "cu_seqlens_of"]
+__all__ = ["TrainConfig", "train", "param_groups", "select_trainable", "find_checkpoint", "Corpus", "DataError",
+           "DataWarning", "PackedStream", "SyntheticTask", "build_corpus", "collate", "cu_seqlens_of"]

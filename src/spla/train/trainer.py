@@ -172,9 +172,7 @@ def select_trainable(model: nn.Module, what: str) -> Tuple[int, int]:
                 if what == "attention":
                     chosen |= {id(p) for p in m.parameters()}
                 else:
-                    for norm in (m.rla_norm, m.sparse_norm):
-                        if norm is not None:
-                            chosen |= {id(p) for p in norm.parameters()}
+                    chosen |= {id(p) for p in m.merge_parameters()}
     if not chosen:
         raise ValueError(f"--trainable {what}: the model has no such parameters (is it an SPLA model?)")
     total = n_train = 0
@@ -194,10 +192,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
     Raises:
         ValueError: when ``merge_lr_mult`` is not positive.
     """
-    from spla.layers.spla import SPLAAttention
+    from spla.layers.spla import spla_layers
     if not merge_lr_mult > 0:
         raise ValueError(f"merge_lr_mult must be > 0, got {merge_lr_mult!r}")
-    merge_ids = {id(p) for m in model.modules() if isinstance(m, SPLAAttention) for p in m.merge_parameters()}
+    merge_ids = {id(p) for m in spla_layers(model) for p in m.merge_parameters()}
     decay, no_decay, merge = [], [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -566,4 +564,5 @@ def cleanup_dist() -> None:
         torch.distributed.destroy_process_group()
 
 
-__all__ = ["TrainConfig", "train", "param_groups", "select_trainable", "find_checkpoint", "lr_lambda", "cleanup_dist", "TRAINABLE"]
+__all__ = ["TrainConfig", "train", "param_groups", "select_trainable", "find_checkpoint", "lr_lambda", "cleanup_dist",
+           "TRAINABLE"]

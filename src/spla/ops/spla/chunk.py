@@ -93,7 +93,12 @@ def select_rows(q: torch.Tensor, k: torch.Tensor, p0: int = 0, *, block_size: in
     # the rest: every row has sink_blocks + local_blocks forced blocks and n_free candidates to pick
     n_free = topk - sink_blocks - local_blocks
     lo = sink_blocks
-    width = {"oracle": block_size}.get(selection, D if (selection == "taylor2" and cov == "full") else 1 + rep_keys)
+    if selection == "oracle":                   # score-like elements per (row, query head, candidate block)
+        width = block_size
+    elif selection == "taylor2" and cov == "full":
+        width = D
+    else:
+        width = 1 + rep_keys
     per_row = HQ * max(1, c_last - local_blocks + 1 - lo) * width
     step = max(block_size, (CHUNK_BUDGET // per_row) // block_size * block_size)   # rows per group
     forced_off = torch.arange(local_blocks - 1, -1, -1, device=q.device)
