@@ -3,6 +3,8 @@
 
     python benchmarks/bench_decode.py                       # T in 16k..128k, batch 1/8/32, HQ=32 H=8 D=128 bf16
     python benchmarks/bench_decode.py --lengths 131072 --batches 8
+    python benchmarks/bench_decode.py --sweep 131072x1 131072x8 --lengths 131072 --batches 1 8
+        # first time each kernel's launch settings at those (T x batch), take the fastest, then the table
 
 For each (T, batch): the device-to-device copy bandwidth (measured here), dense SDPA decoding over a
 contiguous [B, H, T, D] copy of the cache, FlexAttention decoding (torch.compile) when it compiles, and
@@ -23,8 +25,8 @@ import triton
 
 from peers import flex_attention_fn
 from spla.ops.spla.decode import SPLADecodeState
-from spla.ops.spla.decode_kernels import (decode_attend, decode_combine, decode_partials, decode_score, decode_select,
-                                         decode_topk)
+from spla.ops.spla.decode_kernels import (LAUNCH, decode_attend, decode_combine, decode_partials, decode_score,
+                                         decode_select, decode_topk)
 from spla.ops.spla.utils import block_stats, feature_map
 
 
@@ -81,6 +83,70 @@ def graph_us(fn):
         return float("nan")
 
 
+#: alternatives timed by --sweep, per stage: the LAUNCH entries each one sets
+SWEEP = dict(
+    score=[dict(score_tile=t, score_warps=w) for t, w in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8))],
+    topk=[dict(topk_chunk=c, topk_warps=w) for c, w in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))],
+    attn=[dict(attn_split=s, attn_warps=w) for s, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4))],
+    comb=[dict(combine_bv=b, combine_warps=w) for b, w in ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8))],
+)
+
+
+def sweep(st, q, new, out):
+    """Each stage alone (a CUDA graph, lengths held at T + 1) under every setting of ``SWEEP``; the other
+    settings stay at their defaults; the "attn" settings are timed with the combine after them (attention +
+    combine). Returns {stage: [(setting, us)]}."""
+    kn, vn, kln = new
+    base = dict(LAUNCH)
+    res = {}
+    st.lengths.add_(1)
+    try:
+        for stage, settings in SWEEP.items():
+            res[stage] = []
+            for cfg in settings:
+                LAUNCH.update(base)
+                LAUNCH.update(cfg)
+                sc = decode_score(st, q, new=(kn, vn, kln))
+                idx = decode_topk(st, *sc)
+                parts = decode_partials(st, q, q, idx)
+                # the split changes the combine's work too (it merges topk x split partials): "attn" times both
+                fn = dict(score=lambda: decode_score(st, q, new=(kn, vn, kln)), topk=lambda: decode_topk(st, *sc),
+                          attn=lambda: decode_combine(st, q, decode_partials(st, q, q, idx), q.dtype, new=(kln, vn)),
+                          comb=lambda: decode_combine(st, q, parts, q.dtype, new=(kln, vn)))[stage]
+                us = graph_us(fn)
+                res[stage].append((cfg, us))
+                print(f"#   {stage:>5} {cfg}: {us:.1f} us", file=out, flush=True)
+    finally:
+        LAUNCH.update(base)
+        st.lengths.sub_(1)
+    return res
+
+
+def tune(shapes, HQ, H, D, bs, topk, dtype, dev):
+    """--sweep: time every setting at each ``TxB`` shape, print the table, set LAUNCH to the fastest in total."""
+    import sys
+    total = {}
+    print(f"{'T':>7} {'B':>3} {'stage':>6} {'default us':>10} {'best us':>8}  best setting")
+    for shape in shapes:
+        T, B = (int(x) for x in shape.lower().split("x"))
+        q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
+        new = tuple(torch.randn(B, H, D, device=dev, dtype=dtype) for _ in range(3))
+        st = fill_state(B, T, HQ, H, D, bs, topk, dtype, dev)
+        for stage, rs in sweep(st, q, new, sys.stdout).items():
+            cfg, us = min(rs, key=lambda r: r[1])
+            default = next((u for c, u in rs if all(LAUNCH[k] == v for k, v in c.items())), float("nan"))
+            print(f"{T:>7} {B:>3} {stage:>6} {default:>10.1f} {us:>8.1f}  {cfg}", flush=True)
+            for c, u in rs:
+                key = (stage, tuple(sorted(c.items())))
+                total[key] = total.get(key, 0.0) + u
+        st = None
+        torch.cuda.empty_cache()
+    for stage in SWEEP:
+        key = min((k for k in total if k[0] == stage), key=lambda k: total[k])
+        LAUNCH.update(dict(key[1]))
+    print(f"# launch settings used below (least total time over {' '.join(shapes)}): {LAUNCH}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
@@ -90,14 +156,27 @@ def main():
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="TxB",
+                   help="first time each kernel alone under every launch setting of SWEEP at these (T x batch), "
+                        "e.g. 131072x8; per kernel the setting with the least total time is used for the table "
+                        "(LAUNCH in decode_kernels.py holds the defaults)")
+    p.add_argument("--launch", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override LAUNCH entries for this run, e.g. attn_split=2 combine_bv=16")
     a = p.parse_args()
+    for kv in a.launch:
+        key, val = kv.split("=")
+        if key not in LAUNCH:
+            p.error(f"unknown launch setting {key!r}; known: {', '.join(LAUNCH)}")
+        LAUNCH[key] = int(val)
     dev, dtype = "cuda", torch.bfloat16
     HQ, H = a.heads
     D, bs, topk = a.dim, a.block_size, a.topk
     name = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth(dev)
     print(f"# {name}; device-to-device copy {copy_bw / 1e12:.2f} TB/s; HQ={HQ} H={H} D={D} bf16, SPLA block {bs} "
-          f"top{topk}")
+          f"top{topk}; launch {LAUNCH}")
+    if a.sweep:
+        tune(a.sweep, HQ, H, D, bs, topk, dtype, dev)
     flex = None
     if not a.no_flex:
         try:

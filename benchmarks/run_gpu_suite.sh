@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU tests, then the benchmarks, logs under $OUT (or ./out).
-#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|generate|backward|model|forward|recall|all]...
+#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|decode-tune|generate|backward|model|forward|recall|all]...
 #   (default: all)
 # fla (for the NSA baseline) is taken from ./.whl when present (see docs/benchmarks.md).
 set -uo pipefail
@@ -23,6 +23,12 @@ for w in $what; do
     tests-fwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests --ignore tests/test_parallel_bwd.py 2>&1 | tee "$OUT/gpu_tests_fwd.log" ;;
     tests-bwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_parallel_bwd.py --durations=5 2>&1 | tee "$OUT/gpu_tests_bwd.log" ;;
     decode|all) python3 benchmarks/bench_decode.py 2>&1 | tee "$OUT/bench_decode.log" ;;&
+    # the decode GPU tests (kernels, CUDA-graph greedy loop), then the launch-setting sweep and the table with the
+    # fastest settings (issue 6)
+    decode-tune)
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode.py tests/test_models.py 2>&1 | tee "$OUT/gpu_tests_decode.log"
+      python3 benchmarks/bench_decode.py --no-flex --sweep 131072x1 131072x8 --lengths 32768 131072 --batches 1 8 32 \
+        2>&1 | tee "$OUT/bench_decode_tuned.log" ;;
     generate|all) python3 benchmarks/bench_generate.py 2>&1 | tee "$OUT/bench_generate.log" ;;&
     backward|all) [ -f benchmarks/bench_backward.py ] && python3 benchmarks/bench_backward.py 2>&1 | tee "$OUT/bench_backward.log" ;;&
     model) python3 benchmarks/bench_backward.py --model-step 2>&1 | tee "$OUT/bench_model_step.log" ;;

@@ -104,6 +104,38 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
             assert_close(n, getattr(ref, n), getattr(out, n), 1e-5)
 
 
+@pytest.mark.parametrize("launch", [dict(attn_split=2, combine_bv=16, score_tile=64),
+                                    dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8)])
+def test_triton_decode_launch_settings(monkeypatch, launch):
+    """Other launch settings (a selected block split over two attention programs, narrower combine slices,
+    other tiles; what ``bench_decode.py --sweep`` times) give the torch step's selection and outputs."""
+    from spla.ops.spla import decode_kernels as dk
+    for key, val in launch.items():
+        monkeypatch.setitem(dk.LAUNCH, key, val)
+    B, HQ, H, D, T, P = 2, 8, 2, 64, 150, 135
+    opts = dict(block_size=32, topk=4)
+    xs = make_inputs(B, T, HQ, H, D, seed=11, dtype=torch.float32, requires_grad=False)
+    states = [SPLADecodeState(B, H, D, **opts, backend=be) for be in ("torch", "triton")]
+    for st in states:
+        st.prefill(*(x[:, :P] for x in xs))
+    for t in range(P, T, 5):
+        ref, out = (st.step(*(x[:, t:t + 5] for x in xs)) for st in states)
+        assert torch.equal(ref.indices, out.indices)
+        for n in OUTS:
+            assert_close(n, getattr(ref, n), getattr(out, n), 1e-5)
+
+
+def test_triton_decode_split_must_divide_block():
+    from spla.ops.spla import decode_kernels as dk
+    st = SPLADecodeState(1, 1, 32, block_size=32, topk=2, backend="triton")
+    q = torch.randn(1, 1, 32)
+    idx = torch.zeros(1, 1, 2, dtype=torch.int32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(dk.LAUNCH, "attn_split", 4)  # slices of 8 rows: refused
+        with pytest.raises(ValueError, match="attn_split"):
+            dk.decode_partials(st, q, q, idx)
+
+
 @pytest.mark.parametrize("stats_dtype", [None, torch.bfloat16])
 def test_triton_decode_many_tiles(monkeypatch, stats_dtype):
     """Several scoring tiles and top-k chunks per (sequence, head), a left-padded shorter sequence, blocks

@@ -1,5 +1,5 @@
 # -*- coding: utf-8 -*-
-"""The ``spla`` command line: ``spla demo``, ``spla convert``, ``spla eval ruler``."""
+"""The ``spla`` command line: ``spla demo``, ``spla convert``, ``spla generate``, ``spla eval ruler``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,39 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- generate
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from spla.models import greedy_generate, load, load_tokenizer, spla_config_of
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SystemExit("spla generate: give exactly one of --prompt and --prompt-file")
+    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = load(args.model, dtype=dtype, device=dev)
+    if not args.dense and spla_config_of(model) is None:
+        from spla.models import convert
+        convert(model, _spla_config_from_args(args))
+    tok = load_tokenizer(args.model)
+    ids = tok(text, return_tensors="pt").input_ids.to(dev)
+    kind = "dense" if spla_config_of(model) is None else "SPLA"
+    graph = dev.startswith("cuda") and not args.no_cuda_graph
+    print(f"{kind} model, {ids.shape[1]} prompt tokens, {args.max_new_tokens} new tokens, greedy, "
+          f"{'CUDA-graph' if graph else 'eager'} decode loop on {dev}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    out, info = greedy_generate(model, ids, args.max_new_tokens, cuda_graph=graph, return_info=True)
+    dt = time.perf_counter() - t0
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    line = f"{dt:.2f} s in all"
+    if info.get("replays"):
+        line += f"; decode {info['replays'] / info['replay_s']:.1f} tokens/s over {info['replays']} graph replays"
+    print(line, file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- eval
 def _eval_ruler(args: argparse.Namespace) -> int:
     from spla.demo import run_ruler_eval
@@ -86,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  spla demo                                  # passkey sweep on the embedded SmolLM2 (1k/2k/4k)\n"
                "  spla demo --depths 3                       # 3 needle positions per length (docs/results.md)\n"
                "  spla convert --model smollm2 --topk 8 --out out/smollm2-spla\n"
+               "  spla generate --model out/smollm2-spla --prompt 'The capital of France is' --max-new-tokens 20\n"
                "  spla eval ruler --tasks niah_single_1 --lengths 1024 --limit 5")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -129,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
     _add_spla_options(c)
     c.set_defaults(func=_convert)
+
+    g = sub.add_parser(
+        "generate", help="greedy text generation with the SPLA decode cache (CUDA-graph decode loop on a GPU)",
+        description="Greedy continuation of a prompt by a model loaded offline: the embedded 'smollm2' or a local "
+                    "directory (an SPLA model saved by `spla convert` keeps its options). A dense model is converted "
+                    "with the SPLA options below unless --dense. Decoding uses spla.models.greedy_generate: the "
+                    "prompt is prefilled in bulk, then each new token reads only the block statistics, the selected "
+                    "blocks and the linear state; on a GPU the whole decode step is captured once as a CUDA graph "
+                    "and replayed. The continuation goes to stdout, timings to stderr.")
+    g.add_argument("--model", default="smollm2", help="'smollm2' (default) or a local model directory")
+    g.add_argument("--prompt", default=None, help="the prompt text")
+    g.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--dense", action="store_true", help="do not convert a dense model (baseline)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on a GPU too")
+    _add_spla_options(g)
+    g.set_defaults(func=_generate)
 
     e = sub.add_parser("eval", help="evaluate dense vs SPLA models (subcommand: ruler)",
                        description="Evaluations of a dense model and its SPLA conversion side by side.")

@@ -22,6 +22,7 @@ A step is four launches (after ``lengths += 1``) and no host sync (so it can be 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -185,19 +186,21 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
                                 scale, T_cap, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                                 BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
                                 BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr, BS: tl.constexpr,
-                                TOPK: tl.constexpr, FMAP: tl.constexpr):
+                                TOPK: tl.constexpr, FMAP: tl.constexpr, SPLIT: tl.constexpr):
+    """Partials of one slice of ``BS`` rows (1/``SPLIT`` of a selected block): partial slot ``i_s`` of
+    ``TOPK * SPLIT`` holds rows ``(i_s % SPLIT) * BS ...`` of the ``i_s // SPLIT``-th selected block."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t = tl.load(lengths + i_b).to(tl.int64) - 1
-    blk = tl.load(indices + i_bh * TOPK + i_s).to(tl.int64)
+    blk = tl.load(indices + i_bh * TOPK + i_s // SPLIT).to(tl.int64)
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     o_d, o_v, o_l = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BDL)
     m_d, m_v, m_l = o_d < D, o_v < DV, o_l < DL
     o_i = tl.arange(0, BS)
-    pos = tl.maximum(blk, 0) * BS + o_i
-    m_i = (blk >= 0) & (pos <= t)  # [BS] visible selected tokens of this block
+    pos = tl.maximum(blk, 0) * (BS * SPLIT) + (i_s % SPLIT) * BS + o_i
+    m_i = (blk >= 0) & (pos <= t)  # [BS] visible selected tokens of this slice
     rows = i_b * HQ + i_h * G + o_g  # [BG]
     b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(tl.float32)
     tok = (i_b * T_cap + pos) * H + i_h  # [BS]
@@ -218,13 +221,13 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
     b_w = tl.dot(fq1, tl.trans(fk1)) + tl.dot(fq2, tl.trans(fk2))  # [BG, BS]
     b_w = tl.where(m_i[None, :], b_w, 0.)
     b_lin = tl.dot(b_w, b_v)
-    o = rows * TOPK + i_s  # [BG]
+    o = rows * (TOPK * SPLIT) + i_s  # [BG]
     tl.store(p_m + o, b_m, mask=m_g)
     tl.store(p_l + o, tl.sum(b_p, 1), mask=m_g)
     tl.store(p_acc + o[:, None] * DV + o_v[None, :], b_acc, mask=m_g[:, None] & m_v[None, :])
     tl.store(p_lin + o[:, None] * DV + o_v[None, :], b_lin, mask=m_g[:, None] & m_v[None, :])
     tl.store(p_mass + o, tl.sum(b_w, 1), mask=m_g)
-    tl.store(p_cnt + i_bh * TOPK + i_s, tl.sum(m_i.to(tl.int32), 0))
+    tl.store(p_cnt + i_bh * (TOPK * SPLIT) + i_s, tl.sum(m_i.to(tl.int32), 0))
 
 
 @triton.jit
@@ -250,12 +253,13 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
                                    kl_new, v_new,
                                    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                    DV: tl.constexpr, BV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr,
-                                   F: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, FMAP: tl.constexpr,
+                                   F: tl.constexpr, NSLOT: tl.constexpr, KP: tl.constexpr, FMAP: tl.constexpr,
                                    APPEND: tl.constexpr):
     """Log-sum-exp combine of the per-block partials, the global term ``phi(q)·S`` and the subtraction, for one
     (sequence, KV head) and one slice of ``BV`` value channels (the state is read in ``[DL, BV]`` tiles).
     With ``APPEND`` the state first takes the newest token, ``S += phi(k_lin) v^T``, ``z += phi(k_lin)``
-    (each program updates its own slice of S; the slice-0 program updates z), and is written back."""
+    (each program updates its own slice of S; the slice-0 program updates z), and is written back. ``NSLOT``:
+    the partial slots per row (top-k x the attention kernel's split)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -268,19 +272,19 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     m_gv = m_g[:, None] & m_v[None, :]
     # the exact branch: max over the partials, then rescaled sums
     o_s = tl.arange(0, KP)
-    m_gs = m_g[:, None] & (o_s < TOPK)[None, :]
-    b_pm = tl.load(p_m + rows[:, None] * TOPK + o_s[None, :], mask=m_gs, other=float("-inf"))  # [BG, TOPK]
+    m_gs = m_g[:, None] & (o_s < NSLOT)[None, :]
+    b_pm = tl.load(p_m + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=float("-inf"))  # [BG, NSLOT]
     b_mx = tl.max(b_pm, 1)
     b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
     b_w = tl.exp(b_pm - b_mx[:, None])
-    b_den = tl.sum(b_w * tl.load(p_l + rows[:, None] * TOPK + o_s[None, :], mask=m_gs, other=0.), 1)
-    b_mass = tl.sum(tl.load(p_mass + rows[:, None] * TOPK + o_s[None, :], mask=m_gs, other=0.), 1)
-    n_sel = tl.sum(tl.load(p_cnt + i_bh * TOPK + o_s, mask=o_s < TOPK, other=0), 0)
+    b_den = tl.sum(b_w * tl.load(p_l + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.), 1)
+    b_mass = tl.sum(tl.load(p_mass + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.), 1)
+    n_sel = tl.sum(tl.load(p_cnt + i_bh * NSLOT + o_s, mask=o_s < NSLOT, other=0), 0)
     b_acc = tl.zeros([BG, BV], tl.float32)
     b_lin = tl.zeros([BG, BV], tl.float32)
-    for s in tl.static_range(TOPK):
+    for s in tl.static_range(NSLOT):
         b_ws = tl.sum(tl.where(o_s[None, :] == s, b_w, 0.), 1)
-        po = (rows * TOPK + s)[:, None] * DV + o_v[None, :]
+        po = (rows * NSLOT + s)[:, None] * DV + o_v[None, :]
         b_acc += b_ws[:, None] * tl.load(p_acc + po, mask=m_gv, other=0.)
         b_lin += tl.load(p_lin + po, mask=m_gv, other=0.)
     b_o = b_acc / tl.where(b_den > 0, b_den, 1.)[:, None]
@@ -309,18 +313,32 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
 
 _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 
+#: Launch settings of the four kernels, read at every call (``benchmarks/bench_decode.py --sweep`` times the
+#: alternatives): ``score_tile`` candidate blocks per scoring program, ``topk_chunk`` blocks per top-k round,
+#: ``attn_split`` programs per selected block (each takes ``block_size / attn_split`` rows), ``combine_bv``
+#: value channels per combine program, and each kernel's warps. The defaults are the fastest of the sweep on an
+#: H200 at 128k, batch 1 and 8 (docs/benchmarks.md); ``attn_split=2`` made the attention 2.7 us faster there but
+#: the combine, which then merges twice the partials, 7.5 us slower.
+LAUNCH = dict(score_tile=32, score_warps=4, topk_chunk=1024, topk_warps=8, attn_split=1, attn_warps=4,
+              combine_bv=32, combine_warps=4)
+
+
+def _launch(key: str, value):
+    return LAUNCH[key] if value is None else value
+
 
 def _p2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def decode_score(state, q: torch.Tensor, tile: int = 32, new=None):
+def decode_score(state, q: torch.Tensor, tile: Optional[int] = None, new=None):
     """Stage 1 of the selection: log estimates ``lbuf [B, HQ, NB_cap]`` of the candidate blocks and the
     partial log-sum-exps ``p_m, p_s [B, HQ, NT]`` of their tiles of ``tile`` blocks (one program per tile).
     ``new = (k, v, k_lin)`` (`[B, H, *]`) of the newest token, already counted in ``state.lengths``: also
     written to the caches (with the statistics of a block it completes)."""
     B, HQ, D = q.shape
     H, G, bs = state.H, HQ // state.H, state.block_size
+    tile = _launch("score_tile", tile)
     NB_cap = state.mean.shape[1]
     NBS = max(NB_cap, 1)  # the capacity, not the longest length: no host sync
     NT = triton.cdiv(NBS, tile)
@@ -335,25 +353,28 @@ def decode_score(state, q: torch.Tensor, tile: int = 32, new=None):
         k_new, v_new, kl_new, state.k, state.v, state.k_lin, state.scale, math.log(bs), NB_cap, NBS, NT,
         state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl),
         R=R, BS=bs, BSP=_p2(bs), SINK=state.sink_blocks, LOCAL=state.local_blocks,
-        TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None)
+        TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None, num_warps=LAUNCH["score_warps"])
     return lbuf, p_m, p_s
 
 
-def decode_topk(state, lbuf: torch.Tensor, p_m: torch.Tensor, p_s: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def decode_topk(state, lbuf: torch.Tensor, p_m: torch.Tensor, p_s: torch.Tensor,
+                chunk: Optional[int] = None) -> torch.Tensor:
     """Stage 2 of the selection: the top-k blocks `[B, H, topk]` int32 (ascending, -1 padded) from the scores."""
     B, HQ, NBS = lbuf.shape
     H, topk = state.H, state.topk
     NT = p_m.shape[-1]
+    chunk = _launch("topk_chunk", chunk)
     out = torch.empty(B, H, topk, dtype=torch.int32, device=lbuf.device)
     KP = _p2(topk, 2)
     spla_decode_fwd_kernel_select[(B * H,)](
         lbuf, p_m, p_s, state.lengths, out, NBS, NT, HQ=HQ, H=H, G=HQ // H, BG=_p2(HQ // H), BS=state.block_size,
         SINK=state.sink_blocks, LOCAL=state.local_blocks, TOPK=topk, KP=KP, BNT=_p2(NT, 2),
-        BC=max(KP, min(_p2(chunk, 2), _p2(NBS, 2))))
+        BC=max(KP, min(_p2(chunk, 2), _p2(NBS, 2))), num_warps=LAUNCH["topk_warps"])
     return out
 
 
-def decode_select(state, q: torch.Tensor, tile: int = 32, chunk: int = 1024, new=None) -> torch.Tensor:
+def decode_select(state, q: torch.Tensor, tile: Optional[int] = None, chunk: Optional[int] = None,
+                  new=None) -> torch.Tensor:
     """Selected blocks `[B, H, topk]` int32 (ascending, -1 padded) of the newest token of every sequence.
 
     Two launches, no host sync (CUDA-graph capturable): the scoring kernel splits the candidate blocks of
@@ -366,20 +387,26 @@ def decode_select(state, q: torch.Tensor, tile: int = 32, chunk: int = 1024, new
 
 
 def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
-    """Split-K partials of the newest token over its selected blocks (one program per selected block)."""
+    """Split-K partials of the newest token over its selected blocks: ``LAUNCH["attn_split"]`` programs per
+    selected block (each a slice of its rows), one partial slot each."""
     B, HQ, D = q.shape
     H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
+    split = LAUNCH["attn_split"]
+    if bs % split or bs // split < 16:
+        raise ValueError(f"attn_split={split} must divide block_size={bs} into slices of >= 16 rows")
+    ns = topk * split
     Dv, Dl = state.Dv, state.Dl
     dev = q.device
-    p_m = torch.empty(B, HQ, topk, dtype=torch.float32, device=dev)
+    p_m = torch.empty(B, HQ, ns, dtype=torch.float32, device=dev)
     p_l, p_mass = torch.empty_like(p_m), torch.empty_like(p_m)
-    p_acc = torch.empty(B, HQ, topk, Dv, dtype=torch.float32, device=dev)
+    p_acc = torch.empty(B, HQ, ns, Dv, dtype=torch.float32, device=dev)
     p_lin = torch.empty_like(p_acc)
-    p_cnt = torch.empty(B, H, topk, dtype=torch.int32, device=dev)
-    spla_decode_fwd_kernel_attn[(B * H, topk)](
+    p_cnt = torch.empty(B, H, ns, dtype=torch.int32, device=dev)
+    spla_decode_fwd_kernel_attn[(B * H, ns)](
         q.contiguous(), q_lin.contiguous(), state.k, state.v, state.k_lin, indices.contiguous(), state.lengths,
         p_m, p_l, p_acc, p_lin, p_mass, p_cnt, state.scale, state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D,
-        BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), BS=bs, TOPK=topk, FMAP=_FMAP[state.fmap])
+        BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), BS=bs // split, TOPK=topk, FMAP=_FMAP[state.fmap],
+        SPLIT=split, num_warps=LAUNCH["attn_warps"])
     return p_m, p_l, p_acc, p_lin, p_mass, p_cnt
 
 
@@ -387,16 +414,17 @@ def decode_combine(state, q_lin: torch.Tensor, partials, out_dtype: torch.dtype,
     """``o_sparse, o_rla [B, HQ, Dv]`` (``out_dtype``) and ``rla_mass [B, HQ]`` fp32 from the partials and the state;
     ``new = (k_lin, v)`` (`[B, H, *]`) of the newest token: first added to the linear state."""
     B, HQ, Dl = q_lin.shape
-    H, topk, Dv = state.H, state.topk, state.Dv
+    H, Dv = state.H, state.Dv
     o = torch.empty(B, HQ, Dv, dtype=out_dtype, device=q_lin.device)
     o_rla = torch.empty_like(o)
     mass = torch.empty(B, HQ, dtype=torch.float32, device=q_lin.device)
-    BV = min(_p2(Dv), 32)
+    BV = min(_p2(Dv), LAUNCH["combine_bv"])
+    ns = partials[0].shape[-1]  # partial slots: top-k x the attention kernel's split
     kl_new, v_new = (x.contiguous() for x in new) if new is not None else (q_lin, q_lin)
     spla_decode_fwd_kernel_combine[(B * H, triton.cdiv(Dv, BV))](
         q_lin.contiguous(), state.S, state.z, state.lengths, *partials, o, o_rla, mass, kl_new, v_new, HQ=HQ, H=H,
-        G=HQ // H, BG=_p2(HQ // H), DV=Dv, BV=BV, DL=Dl, BDL=_p2(Dl), F=state.S.shape[2], TOPK=topk,
-        KP=_p2(topk, 2), FMAP=_FMAP[state.fmap], APPEND=new is not None)
+        G=HQ // H, BG=_p2(HQ // H), DV=Dv, BV=BV, DL=Dl, BDL=_p2(Dl), F=state.S.shape[2], NSLOT=ns,
+        KP=_p2(ns, 2), FMAP=_FMAP[state.fmap], APPEND=new is not None, num_warps=LAUNCH["combine_warps"])
     return o, o_rla, mass
 
 

@@ -1,0 +1,127 @@
+# -*- coding: utf-8 -*-
+"""Greedy decoding with static buffers, replayed as one CUDA graph per step on a GPU.
+
+transformers' ``generate`` runs the model's Python code at every step: at 32k context a small model spends
+15-20 ms per token on the host while one layer's SPLA decode step takes 0.05-0.3 ms on the GPU
+(docs/benchmarks.md). :func:`greedy_generate` removes that overhead for greedy decoding: it prefills the
+cache once, then captures one whole decode step of the model (every layer, the token and position updates and
+the argmax) as a CUDA graph and replays it. It works for converted SPLA models (with :class:`SPLACache`,
+whose states are reserved for every new token first) and for dense transformers models (with transformers'
+``StaticCache``), so that the two are compared on equal terms. Without a GPU (or with ``cuda_graph=False``)
+the same loop runs eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+from spla.models.cache import SPLACache
+from spla.models.convert import spla_config_of
+
+
+def _make_cache(model, batch: int, max_len: int):
+    """SPLACache for a converted model, transformers' StaticCache (``max_len`` positions) for a dense one."""
+    if spla_config_of(model) is not None:
+        return SPLACache(config=model.config)
+    from transformers import StaticCache
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def _forward(model, tok, cache, cpos, pos, keep: int = 1) -> torch.Tensor:
+    with warnings.catch_warnings():  # newer transformers call it `cache`; the old name works in all 5.x
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        out = model(input_ids=tok, past_key_values=cache, cache_position=cpos, position_ids=pos, use_cache=True,
+                    logits_to_keep=keep)
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: Optional[bool] = None,
+                    return_info: bool = False):
+    """Greedy continuation of ``input_ids [B, P]`` (equal-length prompts, no padding) by ``max_new_tokens``.
+
+    Args:
+        model: a causal LM from transformers, dense or converted by :func:`spla.convert`.
+        input_ids: ``[B, P]`` prompt token ids.
+        max_new_tokens: tokens to add (no early stop at end-of-sequence: every row gets the same count).
+        cuda_graph: capture the decode step as a CUDA graph and replay it (default: when ``input_ids`` is on a
+            GPU). The first new token comes from the prefill, the second from an eager step (it also compiles
+            the kernels), every later one from a replay. A failed capture raises ``RuntimeError`` (the cache is
+            then unusable); ``cuda_graph=False`` runs the same loop eagerly.
+        return_info: also return a dict: ``graph`` (whether replays ran), ``replays`` and, when they ran,
+            ``replay_s`` (wall seconds of all replays, the GPU synchronized before and after).
+
+    Returns:
+        ``[B, P + max_new_tokens]`` token ids (and the info dict with ``return_info``). Same tokens as
+        ``model.generate(input_ids, do_sample=False, max_new_tokens=..., min_new_tokens=...)``.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be [batch, prompt_len >= 1], got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dev = input_ids.device
+    use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+    if use_graph and dev.type != "cuda":
+        raise ValueError("cuda_graph=True needs input_ids (and the model) on a CUDA device")
+    B, P = input_ids.shape
+    cache = _make_cache(model, B, P + max_new_tokens)
+    cpos = torch.arange(P, device=dev)
+    tok = _forward(model, input_ids, cache, cpos, cpos[None].expand(B, P))
+    out = [tok]
+    info = dict(graph=False, replays=0)
+    if max_new_tokens > 1 and isinstance(cache, SPLACache):
+        for layer in cache.layers:  # room for every later token now: the steps then allocate nothing
+            if layer.state is not None:
+                layer.state.reserve(max_new_tokens)
+    # the static inputs of a step: the last token, its position (both updated inside the step)
+    s_tok = tok.clone()
+    s_cpos = torch.full((1,), P, device=dev, dtype=torch.long)
+    s_pos = torch.full((B, 1), P, device=dev, dtype=torch.long)
+
+    def step() -> torch.Tensor:
+        nxt = _forward(model, s_tok, cache, s_cpos, s_pos)
+        s_tok.copy_(nxt)
+        s_cpos.add_(1)
+        s_pos.add_(1)
+        return nxt
+
+    n_eager = 2 if use_graph else max_new_tokens  # the prefill's token, then one eager step (compilation)
+    for _ in range(1, min(n_eager, max_new_tokens)):
+        if use_graph:  # warm-up on a side stream, as torch's CUDA-graph recipe asks
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                nxt = step().clone()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            nxt = step().clone()
+        out.append(nxt)
+    if max_new_tokens > n_eager:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                g_out = step()
+        except Exception as e:
+            raise RuntimeError(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
+                               "greedy_generate(..., cuda_graph=False) decodes eagerly") from e
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n_eager, max_new_tokens):
+            graph.replay()
+            out.append(g_out.clone())
+            info["replays"] += 1
+        torch.cuda.synchronize()
+        info["replay_s"] = time.perf_counter() - t0
+        if isinstance(cache, SPLACache):
+            # the cache's host-side counters moved once, at the capture; its device ones at every replay
+            for layer in cache.layers:
+                layer.seen += info["replays"] - 1
+                if layer.state is not None:
+                    layer.state.max_length += info["replays"] - 1
+    info["graph"] = info["replays"] > 0
+    ids = torch.cat([input_ids] + out, 1)
+    return (ids, info) if return_info else ids
