@@ -627,19 +627,29 @@ def plot(results: Dict[str, Any], variants: List[str], path: str) -> None:
     except ImportError:
         return
     p = results["preset"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, accs in table(results, variants).items():
+    rows = table(results, variants)
+    main = ("base", "dense", "topk_taylor1", "topk_taylor2", "spla")
+    fig, ax = plt.subplots(figsize=(7.5 if len(rows) > 6 else 6, 4))
+    colors = plt.get_cmap("tab20").colors
+    for i, (m, accs) in enumerate(rows.items()):
         xs = [int(L) for L in accs]
         st = [_stats(a) for a in accs.values()]
         mu, sd = [100 * x["mean"] for x in st], [100 * x["std"] for x in st]
-        ax.errorbar(xs, mu, yerr=sd, marker="o", capsize=3, label=m, linestyle="--" if m == "base" else "-")
+        # the main comparison in bold solid lines, ablations thin and dotted, every line its own colour
+        ablation = m not in main
+        ax.errorbar(xs, mu, yerr=sd, marker="s" if ablation else "o", ms=4 if ablation else 6, capsize=3, label=m,
+                    color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                    lw=1 if ablation else 2, linestyle="--" if m == "base" else (":" if ablation else "-"))
     ax.axvline(p["long_len"], color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (dotted: stage-2 training length)")
     ax.set_ylabel("query accuracy, %")
     ax.set_ylim(-2, 102)
     ax.set_title(f"associative recall, top-{p['topk']} x {p['block_size']} ({results['device']})", fontsize=9)
-    ax.legend(fontsize=8)
+    if len(rows) > 6:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
