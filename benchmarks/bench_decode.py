@@ -92,7 +92,7 @@ SWEEP = dict(
 )
 
 
-def sweep(st, q, new, out):
+def sweep(st, q, new, out, stages=tuple(SWEEP)):
     """Each stage alone (a CUDA graph, lengths held at T + 1) under every setting of ``SWEEP``; the other
     settings stay at their defaults; the "attn" settings are timed with the combine after them (attention +
     combine). Returns {stage: [(setting, us)]}."""
@@ -101,7 +101,8 @@ def sweep(st, q, new, out):
     res = {}
     st.lengths.add_(1)
     try:
-        for stage, settings in SWEEP.items():
+        for stage in stages:
+            settings = SWEEP[stage]
             res[stage] = []
             for cfg in settings:
                 LAUNCH.update(base)
@@ -122,7 +123,7 @@ def sweep(st, q, new, out):
     return res
 
 
-def tune(shapes, HQ, H, D, bs, topk, dtype, dev):
+def tune(shapes, HQ, H, D, bs, topk, dtype, dev, stages=tuple(SWEEP)):
     """--sweep: time every setting at each ``TxB`` shape, print the table, set LAUNCH to the fastest in total."""
     import sys
     total = {}
@@ -132,7 +133,7 @@ def tune(shapes, HQ, H, D, bs, topk, dtype, dev):
         q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
         new = tuple(torch.randn(B, H, D, device=dev, dtype=dtype) for _ in range(3))
         st = fill_state(B, T, HQ, H, D, bs, topk, dtype, dev)
-        for stage, rs in sweep(st, q, new, sys.stdout).items():
+        for stage, rs in sweep(st, q, new, sys.stdout, stages).items():
             cfg, us = min(rs, key=lambda r: r[1])
             default = next((u for c, u in rs if all(LAUNCH[k] == v for k, v in c.items())), float("nan"))
             print(f"{T:>7} {B:>3} {stage:>6} {default:>10.1f} {us:>8.1f}  {cfg}", flush=True)
@@ -141,7 +142,7 @@ def tune(shapes, HQ, H, D, bs, topk, dtype, dev):
                 total[key] = total.get(key, 0.0) + u
         st = None
         torch.cuda.empty_cache()
-    for stage in SWEEP:
+    for stage in stages:
         key = min((k for k in total if k[0] == stage), key=lambda k: total[k])
         LAUNCH.update(dict(key[1]))
     print(f"# launch settings used below (least total time over {' '.join(shapes)}): {LAUNCH}", flush=True)
@@ -160,6 +161,8 @@ def main():
                    help="first time each kernel alone under every launch setting of SWEEP at these (T x batch), "
                         "e.g. 131072x8; per kernel the setting with the least total time is used for the table "
                         "(LAUNCH in decode_kernels.py holds the defaults)")
+    p.add_argument("--sweep-stages", nargs="+", default=list(SWEEP), choices=list(SWEEP),
+                   help="the kernels --sweep times (default: all)")
     p.add_argument("--launch", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override LAUNCH entries for this run, e.g. attn_split=2 combine_bv=16")
     a = p.parse_args()
@@ -176,7 +179,7 @@ def main():
     print(f"# {name}; device-to-device copy {copy_bw / 1e12:.2f} TB/s; HQ={HQ} H={H} D={D} bf16, SPLA block {bs} "
           f"top{topk}; launch {LAUNCH}")
     if a.sweep:
-        tune(a.sweep, HQ, H, D, bs, topk, dtype, dev)
+        tune(a.sweep, HQ, H, D, bs, topk, dtype, dev, a.sweep_stages)
     flex = None
     if not a.no_flex:
         try:
