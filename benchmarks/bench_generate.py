@@ -47,8 +47,10 @@ def graph_rows(dense, sparse, ids, a):
     rows, base = [], None
     for name, model in (("dense", dense), ("spla", sparse)):
         try:
-            t_pre = timed(lambda: greedy_generate(model, ids, 1), a.repeats)
-            runs = [greedy_generate(model, ids, a.new_tokens, return_info=True) for _ in range(a.repeats + 1)]
+            # every run makes the same number of steps (as generate with min_new_tokens below)
+            t_pre = timed(lambda: greedy_generate(model, ids, 1, stop_at_eos=False), a.repeats)
+            runs = [greedy_generate(model, ids, a.new_tokens, stop_at_eos=False, return_info=True)
+                    for _ in range(a.repeats + 1)]
         except torch.cuda.OutOfMemoryError:
             print(f"{'graph':>5} {name:>6} {B:>3}  out of memory")
             torch.cuda.empty_cache()
@@ -56,7 +58,7 @@ def graph_rows(dense, sparse, ids, a):
         out, info = runs[-1]
         # the graph must replay the eager loop exactly (same kernels); transformers' generate runs other dense
         # kernels (dynamic cache) and prefill paths, so on a random bf16 model near-tied logits may flip
-        eager = greedy_generate(model, ids, a.new_tokens, cuda_graph=False)
+        eager = greedy_generate(model, ids, a.new_tokens, cuda_graph=False, stop_at_eos=False)
         same = bool(torch.equal(out, eager))
         with torch.no_grad():
             ref = model.generate(ids, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,

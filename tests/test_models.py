@@ -269,9 +269,18 @@ def test_greedy_generate_matches_generate(spla_model):
     prompt = ids(B=2, T=37, seed=4)
     kw = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0)
     ref = model.generate(prompt, **kw)
-    got, info = greedy_generate(model, prompt, 9, return_info=True)
-    assert torch.equal(got, ref) and info == dict(graph=False, replays=0)
-    assert torch.equal(greedy_generate(model, prompt, 1), ref[:, :38])
+    got, info = greedy_generate(model, prompt, 9, stop_at_eos=False, return_info=True)
+    assert torch.equal(got, ref) and info == dict(graph=False, replays=0, stopped_at_eos=False)
+    assert torch.equal(greedy_generate(model, prompt, 1, stop_at_eos=False), ref[:, :38])
+    # end of sequence: a token row 0 produces at its 4th step plays EOS; generate pads finished rows
+    eos = int(ref[0, 37 + 3])
+    kw = dict(max_new_tokens=9, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    for rows in (prompt, prompt[:1]):  # two rows (one finishes), one row (stops early: a shorter output)
+        ref_eos = model.generate(rows, **kw)
+        got, info = greedy_generate(model, rows, 9, eos_token_id=eos, pad_token_id=0, return_info=True)
+        assert torch.equal(got, ref_eos), (got, ref_eos)
+        assert info["stopped_at_eos"] == (rows.shape[0] == 1 or bool((ref_eos[1, 37:] == eos).any()))
+    assert greedy_generate(model, prompt[:1], 9, eos_token_id=eos, pad_token_id=0).shape[1] <= 37 + 4
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(model, prompt, 0)
     with pytest.raises(ValueError, match="input_ids"):
@@ -294,9 +303,15 @@ def test_greedy_generate_cuda_graph(spla_model):
     model = model.cuda()
     prompt = ids(B=2, T=150, seed=4).cuda()
     n = 40  # crosses block boundaries during the replays
-    eager = greedy_generate(model, prompt, n, cuda_graph=False)
-    got, info = greedy_generate(model, prompt, n, return_info=True)
+    eager = greedy_generate(model, prompt, n, cuda_graph=False, stop_at_eos=False)
+    got, info = greedy_generate(model, prompt, n, stop_at_eos=False, return_info=True)
     assert info["graph"] and info["replays"] == n - 2 and info["replay_s"] > 0
     assert torch.equal(got, eager)
     ref = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     assert torch.equal(got, ref)
+    # stopping at an end-of-sequence id inside the replays: a token row 0 produces at its 20th step
+    eos = int(ref[0, 150 + 19])
+    kw = dict(eos_token_id=eos, pad_token_id=0)
+    ref_eos = model.generate(prompt[:1], max_new_tokens=n, do_sample=False, **kw)
+    got_eos, info = greedy_generate(model, prompt[:1], n, return_info=True, **kw)
+    assert torch.equal(got_eos, ref_eos) and info["stopped_at_eos"] and info["replays"] < n - 2

@@ -384,7 +384,7 @@ def test_cli_generate(tiny_model_dir, capsys, tmp_path):
     assert "SPLA model" in cap.err and "eager decode loop" in cap.err
     tok, model = load_tokenizer(tiny_model_dir), load(tiny_model_dir)
     ids = tok("alpha beta gamma delta", return_tensors="pt").input_ids
-    ref = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)  # stops at EOS
     assert cap.out.rstrip("\n") == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
     prompt = tmp_path / "p.txt"
     prompt.write_text("alpha beta")
@@ -393,3 +393,5 @@ def test_cli_generate(tiny_model_dir, capsys, tmp_path):
     assert "SPLA model" in capsys.readouterr().err  # a saved SPLA model stays SPLA; --dense only skips conversion
     with pytest.raises(SystemExit):
         main(["generate", "--model", tiny_model_dir, "--device", "cpu"])  # no prompt
+    with pytest.raises(SystemExit, match="chat template"):
+        main(["generate", "--model", tiny_model_dir, "--prompt", "alpha", "--chat", "--device", "cpu"])

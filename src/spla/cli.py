@@ -85,16 +85,24 @@ def _generate(args: argparse.Namespace) -> int:
         from spla.models import convert
         convert(model, _spla_config_from_args(args))
     tok = load_tokenizer(args.model)
-    ids = tok(text, return_tensors="pt").input_ids.to(dev)
+    if args.chat:
+        if not tok.chat_template:
+            raise SystemExit(f"spla generate --chat: the tokenizer of {args.model!r} has no chat template")
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
+    else:
+        ids = tok(text, return_tensors="pt").input_ids.to(dev)
     kind = "dense" if spla_config_of(model) is None else "SPLA"
     graph = dev.startswith("cuda") and not args.no_cuda_graph
     print(f"{kind} model, {ids.shape[1]} prompt tokens, {args.max_new_tokens} new tokens, greedy, "
           f"{'CUDA-graph' if graph else 'eager'} decode loop on {dev}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    out, info = greedy_generate(model, ids, args.max_new_tokens, cuda_graph=graph, return_info=True)
+    out, info = greedy_generate(model, ids, args.max_new_tokens, cuda_graph=graph, stop_at_eos=not args.ignore_eos,
+                                pad_token_id=tok.pad_token_id, return_info=True)
     dt = time.perf_counter() - t0
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    line = f"{dt:.2f} s in all"
+    n_new = out.shape[1] - ids.shape[1]
+    line = f"{n_new} new tokens{' (stopped at end of sequence)' if info['stopped_at_eos'] else ''}, {dt:.2f} s in all"
     if info.get("replays"):
         line += f"; decode {info['replays'] / info['replay_s']:.1f} tokens/s over {info['replays']} graph replays"
     print(line, file=sys.stderr)
@@ -119,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  spla demo                                  # passkey sweep on the embedded SmolLM2 (1k/2k/4k)\n"
                "  spla demo --depths 3                       # 3 needle positions per length (docs/results.md)\n"
                "  spla convert --model smollm2 --topk 8 --out out/smollm2-spla\n"
-               "  spla generate --model out/smollm2-spla --prompt 'The capital of France is' --max-new-tokens 20\n"
+               "  spla generate --chat --prompt 'What is the capital of France?' --max-new-tokens 20\n"
                "  spla eval ruler --tasks niah_single_1 --lengths 1024 --limit 5")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -176,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=None, help="the prompt text")
     g.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message in the tokenizer's chat template (instruct models, e.g. "
+                        "the embedded SmolLM2-Instruct, which otherwise may end at once)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly --max-new-tokens tokens (default: stop at the end-of-sequence token)")
     g.add_argument("--dense", action="store_true", help="do not convert a dense model (baseline)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -40,24 +40,42 @@ def _forward(model, tok, cache, cpos, pos, keep: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _eos_ids(model, eos_token_id) -> Optional[List[int]]:
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return None
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(x) for x in eos_token_id]
+
+
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: Optional[bool] = None,
-                    return_info: bool = False):
+                    stop_at_eos: bool = True, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                    pad_token_id: Optional[int] = None, return_info: bool = False):
     """Greedy continuation of ``input_ids [B, P]`` (equal-length prompts, no padding) by ``max_new_tokens``.
 
     Args:
         model: a causal LM from transformers, dense or converted by :func:`spla.convert`.
         input_ids: ``[B, P]`` prompt token ids.
-        max_new_tokens: tokens to add (no early stop at end-of-sequence: every row gets the same count).
+        max_new_tokens: the most tokens to add.
+        stop_at_eos: as ``generate``: a row that produced an end-of-sequence token gets ``pad_token_id`` from then
+            on, and decoding stops once every row has (the output is then shorter). ``False``: exactly
+            ``max_new_tokens`` steps, whatever the tokens (as ``generate`` with ``min_new_tokens=max_new_tokens``).
+        eos_token_id: the end-of-sequence id(s) (default: the model's generation config, then its config).
+        pad_token_id: the id given to finished rows (default: the generation config's, else the first EOS id).
         cuda_graph: capture the decode step as a CUDA graph and replay it (default: when ``input_ids`` is on a
             GPU). The first new token comes from the prefill, the second from an eager step (it also compiles
             the kernels), every later one from a replay. A failed capture raises ``RuntimeError`` (the cache is
             then unusable); ``cuda_graph=False`` runs the same loop eagerly.
-        return_info: also return a dict: ``graph`` (whether replays ran), ``replays`` and, when they ran,
-            ``replay_s`` (wall seconds of all replays, the GPU synchronized before and after).
+        return_info: also return a dict: ``graph`` (whether replays ran), ``replays``, ``stopped_at_eos`` and,
+            when replays ran, ``replay_s`` (wall seconds of all replays, the GPU synchronized before and after).
 
     Returns:
-        ``[B, P + max_new_tokens]`` token ids (and the info dict with ``return_info``). Same tokens as
-        ``model.generate(input_ids, do_sample=False, max_new_tokens=..., min_new_tokens=...)``.
+        ``[B, P + n]`` token ids, ``n <= max_new_tokens`` (and the info dict with ``return_info``). The tokens of
+        ``model.generate(input_ids, do_sample=False, max_new_tokens=...)`` (with ``stop_at_eos=False``: plus
+        ``min_new_tokens=max_new_tokens``).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be [batch, prompt_len >= 1], got {tuple(input_ids.shape)}")
@@ -68,11 +86,23 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
     if use_graph and dev.type != "cuda":
         raise ValueError("cuda_graph=True needs input_ids (and the model) on a CUDA device")
     B, P = input_ids.shape
+    eos = _eos_ids(model, eos_token_id) if stop_at_eos else None
+    if eos is not None:
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+        pad = torch.tensor(eos[0] if pad_token_id is None else pad_token_id, device=dev)
+        eos_t = torch.tensor(eos, device=dev)
     cache = _make_cache(model, B, P + max_new_tokens)
     cpos = torch.arange(P, device=dev)
     tok = _forward(model, input_ids, cache, cpos, cpos[None].expand(B, P))
     out = [tok]
-    info = dict(graph=False, replays=0)
+    info = dict(graph=False, replays=0, stopped_at_eos=False)
+    s_done = torch.isin(tok[:, 0], eos_t) if eos is not None else None  # rows that produced an EOS
+
+    def all_done() -> bool:  # a host sync: only when stopping at EOS
+        if eos is not None and bool(s_done.all()):
+            info["stopped_at_eos"] = True
+        return info["stopped_at_eos"]
     if max_new_tokens > 1 and isinstance(cache, SPLACache):
         for layer in cache.layers:  # room for every later token now: the steps then allocate nothing
             if layer.state is not None:
@@ -84,6 +114,9 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
 
     def step() -> torch.Tensor:
         nxt = _forward(model, s_tok, cache, s_cpos, s_pos)
+        if eos is not None:  # finished rows get the pad id, as in generate
+            nxt = torch.where(s_done[:, None], pad, nxt)
+            s_done.logical_or_(torch.isin(nxt[:, 0], eos_t))
         s_tok.copy_(nxt)
         s_cpos.add_(1)
         s_pos.add_(1)
@@ -91,6 +124,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
 
     n_eager = 2 if use_graph else max_new_tokens  # the prefill's token, then one eager step (compilation)
     for _ in range(1, min(n_eager, max_new_tokens)):
+        if all_done():
+            break
         if use_graph:  # warm-up on a side stream, as torch's CUDA-graph recipe asks
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -100,7 +135,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
         else:
             nxt = step().clone()
         out.append(nxt)
-    if max_new_tokens > n_eager:
+    if max_new_tokens > n_eager and not all_done():
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -114,6 +149,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
             graph.replay()
             out.append(g_out.clone())
             info["replays"] += 1
+            if all_done():
+                break
         torch.cuda.synchronize()
         info["replay_s"] = time.perf_counter() - t0
         if isinstance(cache, SPLACache):
