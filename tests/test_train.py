@@ -352,6 +352,52 @@ def test_param_groups_merge_scales(tiny_model_dir, tmp_path):
     assert 0 < moved[1.0] <= 3.5e-4 and 10 * moved[1.0] < moved[30.0] <= 3 * 3e-3 * 1.2
 
 
+def test_resume_checkpoint_with_older_optimizer_groups(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint whose optimizer was grouped as before the merge scales got their own group (2 groups, no
+    optimizer_params.json) resumes: every parameter gets its own AdamW state back, by name, and the current
+    groups' learning rates at the checkpoint's step."""
+    import spla.train.trainer as T
+
+    def legacy_groups(model, weight_decay, lr, merge_lr_mult=1.0):
+        ps = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+
+    data = _write_corpus(str(tmp_path / "data"))
+    out = tmp_path / "old"
+    with monkeypatch.context() as m:
+        m.setattr(T, "param_groups", legacy_groups)
+        train(_cfg(tiny_model_dir, out, data, steps=4, stop_at=2))
+    ckpt = str(out / "checkpoint-000002")
+    os.remove(os.path.join(ckpt, T.OPTIMIZER_NAMES_FILE))  # what older versions wrote
+    old_sd = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
+    assert len(old_sd["param_groups"]) == 2
+
+    model = spla.load(ckpt)
+    select_trainable(model, "all")
+    opt = torch.optim.AdamW(param_groups(model, 0.1, 1e-2, merge_lr_mult=10.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(2, 4, 0.1))
+    assert len(opt.param_groups) == 3
+    T.load_optimizer_state(opt, sched, model, ckpt, "cpu")
+    legacy = [n for g in T._legacy_group_names(model) for n in g]
+    params = dict(model.named_parameters())
+    for idx, name in enumerate(legacy):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[params[name]][key], old_sd["state"][idx][key]), (name, key)
+    lam = T.lr_lambda(2, 4, 0.1)(2)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2 * lam, 1e-2 * lam, 1e-1 * lam])
+    assert sched.last_epoch == 2 and sched.get_last_lr() == pytest.approx([g["lr"] for g in opt.param_groups])
+    # and the trainer itself resumes it to the end; new checkpoints record their groups by name
+    assert train(_cfg(tiny_model_dir, out, data, steps=4, resume=str(out)))["step"] == 4
+    with open(out / "checkpoint-000004" / T.OPTIMIZER_NAMES_FILE) as f:
+        assert sum(map(len, json.load(f))) == len(legacy)
+    # a checkpoint whose recorded names do not match the model is refused clearly
+    with open(os.path.join(ckpt, T.OPTIMIZER_NAMES_FILE), "w") as f:
+        json.dump([["no.such.weight"] + legacy[1:]], f)
+    with pytest.raises(ValueError, match="no.such.weight"):
+        T.load_optimizer_state(opt, sched, model, ckpt, "cpu")
+
+
 def test_two_processes_make_the_same_steps_as_one(tiny_model_dir, tmp_path):
     """DDP under torchrun (2 CPU processes, gloo) with the same global batch: the same losses as 1 process."""
     import subprocess

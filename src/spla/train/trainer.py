@@ -206,6 +206,77 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
     return [g for g in groups if g["params"]]
 
 
+OPTIMIZER_NAMES_FILE = "optimizer_params.json"
+
+
+def _group_names(model: nn.Module, optimizer) -> List[List[str]]:
+    """The parameter names of each optimizer group, in the optimizer's order."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def _legacy_group_names(model: nn.Module) -> List[List[str]]:
+    """The groups of checkpoints written before the merge scales had their own group: matrices (the merge scales
+    of ``rla_norm="rmsnorm"`` included), then vectors, trainable parameters in model order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [[n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]]
+    return [g for g in groups if g]
+
+
+def load_optimizer_state(optimizer, scheduler, model: nn.Module, ckpt: str, device) -> None:
+    """Restore the optimizer and scheduler of checkpoint ``ckpt`` into ``optimizer`` / ``scheduler`` built by
+    :func:`param_groups` for ``model``.
+
+    The per-parameter states (AdamW moments, step) are matched by parameter name: the names the checkpoint
+    recorded (``optimizer_params.json``), or, for older checkpoints without that file, the grouping
+    ``spla train`` used then (see :func:`_legacy_group_names`). So a checkpoint resumes when the grouping changed
+    since it was written. The groups' hyper-parameters come from the current configuration. The scheduler
+    restarts where the checkpoint stopped. When the groups are the same, this is ``load_state_dict``.
+
+    Raises:
+        ValueError: when a checkpoint parameter does not match the model's (name or shape).
+    """
+    sd = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device, weights_only=True)
+    sched = torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=True)
+    names_file = os.path.join(ckpt, OPTIMIZER_NAMES_FILE)
+    if os.path.exists(names_file):
+        with open(names_file) as f:
+            saved = json.load(f)
+    else:
+        saved = _legacy_group_names(model)
+    current = _group_names(model, optimizer)
+    if saved == current:
+        optimizer.load_state_dict(sd)
+        scheduler.load_state_dict(sched)
+        return
+    flat = [n for g in saved for n in g]
+    if len(flat) != sum(len(g["params"]) for g in sd["param_groups"]):
+        raise ValueError(f"checkpoint {ckpt}: its optimizer holds {sum(len(g['params']) for g in sd['param_groups'])} "
+                         f"parameters but {len(flat)} names were recorded or inferred; cannot resume its optimizer")
+    params = dict(model.named_parameters())
+    by_name = {}
+    for idx, name in zip((i for g in sd["param_groups"] for i in g["params"]), flat):
+        if name not in params:
+            raise ValueError(f"checkpoint {ckpt}: optimizer state of {name!r}, which the model does not have")
+        st = sd["state"].get(idx)
+        if st is not None:
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != params[name].shape:
+                    raise ValueError(f"checkpoint {ckpt}: optimizer state {k!r} of {name!r} has shape "
+                                     f"{tuple(v.shape)}, the parameter {tuple(params[name].shape)}")
+            by_name[name] = st
+    new_sd = optimizer.state_dict()  # the current groups and hyper-parameters, indices in current order
+    new_sd["state"] = {i: by_name[n] for i, n in enumerate(n for g in current for n in g) if n in by_name}
+    optimizer.load_state_dict(new_sd)
+    # the scheduler: its step count; the base and last rates per (current) group follow from the lambda
+    scheduler.last_epoch = sched["last_epoch"]
+    scheduler._step_count = sched.get("_step_count", sched["last_epoch"] + 1)
+    lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def lr_lambda(warmup: int, steps: int, min_ratio: float):
     """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``steps``."""
     def f(step: int) -> float:
@@ -262,6 +333,8 @@ def _save_checkpoint(out: str, step: int, model: nn.Module, tokenizer, optimizer
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, OPTIMIZER_NAMES_FILE), "w") as f:  # resumable if the grouping changes
+            json.dump(_group_names(model, optimizer), f)
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         state = {"step": step, "data": stream.state_dict(), "world_size": dist.world, "config": cfg.to_dict(), **extra}
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -425,8 +498,7 @@ def train(cfg: TrainConfig, log=None) -> Dict[str, Any]:
     start = 0
     tokens_seen = 0
     if ckpt:
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=True))
+        load_optimizer_state(optimizer, scheduler, model, ckpt, device)
         stream.load_state_dict(state["data"])
         start = int(state["step"])
         tokens_seen = int(state.get("tokens", 0))
