@@ -391,6 +391,19 @@ def test_resume_checkpoint_with_older_optimizer_groups(tiny_model_dir, tmp_path,
     assert train(_cfg(tiny_model_dir, out, data, steps=4, resume=str(out)))["step"] == 4
     with open(out / "checkpoint-000004" / T.OPTIMIZER_NAMES_FILE) as f:
         assert sum(map(len, json.load(f))) == len(legacy)
+    # another --trainable: only the merge scales train now; their moments come back by name
+    ck4 = str(out / "checkpoint-000004")
+    saved4 = torch.load(os.path.join(ck4, "optimizer.pt"), weights_only=True)
+    with open(os.path.join(ck4, T.OPTIMIZER_NAMES_FILE)) as f:
+        idx_of = {n: i for i, n in enumerate(n for g in json.load(f) for n in g)}
+    model4 = spla.load(ck4)
+    select_trainable(model4, "spla")
+    opt4 = torch.optim.AdamW(param_groups(model4, 0.1, 1e-2))
+    T.load_optimizer_state(opt4, torch.optim.lr_scheduler.LambdaLR(opt4, T.lr_lambda(2, 4, 0.1)), model4, ck4, "cpu")
+    merge = [(n, p) for n, p in model4.named_parameters() if p.requires_grad]
+    assert len(merge) == 2 and all("rla_norm" in n for n, _ in merge)
+    for n, p in merge:
+        assert torch.equal(opt4.state[p]["exp_avg"], saved4["state"][idx_of[n]]["exp_avg"])
     # a checkpoint whose recorded names do not match the model is refused clearly
     with open(os.path.join(ckpt, T.OPTIMIZER_NAMES_FILE), "w") as f:
         json.dump([["no.such.weight"] + legacy[1:]], f)
