@@ -105,7 +105,8 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
 
 
 @pytest.mark.parametrize("launch", [dict(attn_split=2, combine_bv=16, score_tile=64),
-                                    dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8)])
+                                    dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8),
+                                    dict(score_tile=16, score_tiles_per_program=3)])
 def test_triton_decode_launch_settings(monkeypatch, launch):
     """Other launch settings (a selected block split over two attention programs, narrower combine slices,
     other tiles; what ``bench_decode.py --sweep`` times) give the torch step's selection and outputs."""

@@ -81,44 +81,50 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
                                  D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
                                  DL: tl.constexpr, BDL: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
                                  BSP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr,
-                                 BJ: tl.constexpr, APPEND: tl.constexpr):
-    """One tile of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and a partial log-sum-exp.
-    With ``APPEND`` the tile-0 program also writes the newest token to the caches (``_write_token``)."""
-    i_t = tl.program_id(0).to(tl.int64)
+                                 BJ: tl.constexpr, APPEND: tl.constexpr, TPP: tl.constexpr = 1):
+    """``TPP`` consecutive tiles of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and one
+    partial log-sum-exp over them (online across the tiles). With ``APPEND`` the program-0 also writes the
+    newest token to the caches (``_write_token``)."""
+    i_p = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t, c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
     if APPEND:
-        if i_t == 0:
+        if i_p == 0:
             _write_token(k_new, v_new, kl_new, k, v, k_lin, mean, var, reps, i_b, i_h, t, T_cap, NB_cap, H, D, BD,
                          DV, BDV, DL, BDL, BS, BSP, R, TAYLOR2)
-    o_j = i_t * BJ + tl.arange(0, BJ)
-    m_j = (o_j >= SINK) & (o_j < hi)
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_sum = tl.zeros([BG], tl.float32)
-    if (i_t * BJ < hi) & (i_t * BJ + BJ > SINK):
+    j0 = i_p * (TPP * BJ)
+    if (j0 < hi) & (j0 + TPP * BJ > SINK):
         o_d = tl.arange(0, BD)
         m_d = o_d < D
         b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(tl.float32)
-        base = ((i_b * NB_cap + o_j) * H + i_h) * D  # [BJ]
-        m_jd = m_j[:, None] & m_d[None, :]
-        b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-        b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="tf32x3") * scale  # [BG, BJ]
-        if TAYLOR2:
-            b_var = tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-            b_l += 0.5 * scale * scale * tl.dot(b_q * b_q, tl.trans(b_var), input_precision="tf32x3")
-        for r in tl.static_range(R):
-            rbase = (((i_b * NB_cap + o_j) * H + i_h) * R + r) * D
-            b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-            b_l = tl.maximum(b_l, tl.dot(b_q, tl.trans(b_rep), input_precision="tf32x3") * scale - log_bs)
-        # padded heads get a finite 0 (never stored), non-candidates -inf
-        b_l = tl.where(m_g[:, None], b_l, 0.)
-        b_l = tl.where(m_j[None, :], b_l, float("-inf"))
-        tl.store(lbuf + rows[:, None] * NBS + o_j[None, :], b_l, mask=m_g[:, None] & m_j[None, :])
-        b_m = tl.max(b_l, 1)
-        b_sum = tl.sum(tl.exp(b_l - tl.where(b_m == float("-inf"), 0., b_m)[:, None]), 1)
-    tl.store(p_m + rows * NT + i_t, b_m, mask=m_g)
-    tl.store(p_s + rows * NT + i_t, b_sum, mask=m_g)
+        for u in range(TPP):
+            o_j = j0 + u * BJ + tl.arange(0, BJ)
+            m_j = (o_j >= SINK) & (o_j < hi)
+            base = ((i_b * NB_cap + o_j) * H + i_h) * D  # [BJ]
+            m_jd = m_j[:, None] & m_d[None, :]
+            b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+            b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="tf32x3") * scale  # [BG, BJ]
+            if TAYLOR2:
+                b_var = tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+                b_l += 0.5 * scale * scale * tl.dot(b_q * b_q, tl.trans(b_var), input_precision="tf32x3")
+            for r in tl.static_range(R):
+                rbase = (((i_b * NB_cap + o_j) * H + i_h) * R + r) * D
+                b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+                b_l = tl.maximum(b_l, tl.dot(b_q, tl.trans(b_rep), input_precision="tf32x3") * scale - log_bs)
+            # padded heads get a finite 0 (never stored), non-candidates -inf
+            b_l = tl.where(m_g[:, None], b_l, 0.)
+            b_l = tl.where(m_j[None, :], b_l, float("-inf"))
+            tl.store(lbuf + rows[:, None] * NBS + o_j[None, :], b_l, mask=m_g[:, None] & m_j[None, :])
+            # online log-sum-exp over this program's tiles (-inf until a candidate is seen)
+            b_mn = tl.maximum(b_m, tl.max(b_l, 1))
+            b_ref = tl.where(b_mn == float("-inf"), 0., b_mn)
+            b_sum = b_sum * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_l - b_ref[:, None]), 1)
+            b_m = b_mn
+    tl.store(p_m + rows * NT + i_p, b_m, mask=m_g)
+    tl.store(p_s + rows * NT + i_p, b_sum, mask=m_g)
 
 
 @triton.jit
@@ -314,13 +320,15 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
 _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 
 #: Launch settings of the four kernels, read at every call (``benchmarks/bench_decode.py --sweep`` times the
-#: alternatives): ``score_tile`` candidate blocks per scoring program, ``topk_chunk`` blocks per top-k round,
+#: alternatives): ``score_tile`` candidate blocks per scoring tile, ``score_tiles_per_program`` tiles each
+#: scoring program loops over (one partial log-sum-exp per program; > 1 not yet timed on a GPU), ``topk_chunk``
+#: blocks per top-k round,
 #: ``attn_split`` programs per selected block (each takes ``block_size / attn_split`` rows), ``combine_bv``
 #: value channels per combine program, and each kernel's warps. The defaults are the fastest of the sweep on an
 #: H200 at 128k, batch 1 and 8 (docs/benchmarks.md); ``attn_split=2`` made the attention 2.7 us faster there but
 #: the combine, which then merges twice the partials, 7.5 us slower.
-LAUNCH = dict(score_tile=32, score_warps=4, topk_chunk=1024, topk_warps=8, attn_split=1, attn_warps=4,
-              combine_bv=32, combine_warps=4)
+LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=1, topk_chunk=1024, topk_warps=8, attn_split=1,
+              attn_warps=4, combine_bv=32, combine_warps=4)
 
 
 def _launch(key: str, value):
@@ -333,15 +341,17 @@ def _p2(x: int, lo: int = 16) -> int:
 
 def decode_score(state, q: torch.Tensor, tile: Optional[int] = None, new=None):
     """Stage 1 of the selection: log estimates ``lbuf [B, HQ, NB_cap]`` of the candidate blocks and the
-    partial log-sum-exps ``p_m, p_s [B, HQ, NT]`` of their tiles of ``tile`` blocks (one program per tile).
+    partial log-sum-exps ``p_m, p_s [B, HQ, NT]`` of their programs (each ``LAUNCH["score_tiles_per_program"]``
+    tiles of ``tile`` blocks).
     ``new = (k, v, k_lin)`` (`[B, H, *]`) of the newest token, already counted in ``state.lengths``: also
     written to the caches (with the statistics of a block it completes)."""
     B, HQ, D = q.shape
     H, G, bs = state.H, HQ // state.H, state.block_size
     tile = _launch("score_tile", tile)
+    tpp = LAUNCH["score_tiles_per_program"]
     NB_cap = state.mean.shape[1]
     NBS = max(NB_cap, 1)  # the capacity, not the longest length: no host sync
-    NT = triton.cdiv(NBS, tile)
+    NT = triton.cdiv(NBS, tile * tpp)
     lbuf = torch.empty(B, HQ, NBS, dtype=torch.float32, device=q.device)
     p_m = torch.empty(B, HQ, NT, dtype=torch.float32, device=q.device)
     p_s = torch.empty_like(p_m)
@@ -353,7 +363,8 @@ def decode_score(state, q: torch.Tensor, tile: Optional[int] = None, new=None):
         k_new, v_new, kl_new, state.k, state.v, state.k_lin, state.scale, math.log(bs), NB_cap, NBS, NT,
         state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl),
         R=R, BS=bs, BSP=_p2(bs), SINK=state.sink_blocks, LOCAL=state.local_blocks,
-        TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None, num_warps=LAUNCH["score_warps"])
+        TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None, TPP=tpp,
+        num_warps=LAUNCH["score_warps"])
     return lbuf, p_m, p_s
 
 
