@@ -127,7 +127,8 @@ def main():
             tps = B / step
             base = tps if name == "dense" else base
             ratio = tps / base if base else float("nan")
-            rows.append(dict(loop="hf", model=name, B=B, prefill_s=t_pre, total_s=t_all, decode_tps=tps, ms_step=step * 1e3))
+            rows.append(dict(loop="hf", model=name, B=B, prefill_s=t_pre, total_s=t_all, decode_tps=tps,
+                             ms_step=step * 1e3))
             print(f"{'hf':>5} {name:>6} {B:>3} {t_pre:>10.3f} {t_all:>8.3f} {tps:>13.1f} {step * 1e3:>8.2f} "
                   f"{ratio:>8.2f}", flush=True)
             torch.cuda.empty_cache()
