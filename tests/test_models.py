@@ -289,6 +289,34 @@ def test_greedy_generate_matches_generate(spla_model):
         greedy_generate(model, prompt, 4, cuda_graph=True)
 
 
+@pytest.mark.parametrize("spla_model", [False, True])
+def test_greedy_generate_left_padded_batch(spla_model):
+    """Prompts of different lengths, left-padded with an attention mask: generate's tokens (eager loop on CPU),
+    without gradients; right padding is refused."""
+    from spla.models import greedy_generate
+    model = tiny_model("llama")
+    if spla_model:
+        model = converted(model, block_size=8, topk=3, local_blocks=1)
+        randomize_merge(model, 0.3)
+    a, b = ids(B=1, T=29, seed=5), ids(B=1, T=41, seed=6)
+    x = torch.zeros(2, 41, dtype=torch.long)
+    mask = torch.zeros(2, 41, dtype=torch.long)
+    x[0, 12:], mask[0, 12:] = a[0], 1
+    x[1], mask[1] = b[0], 1
+    grad = []
+    hook = model.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
+    got = greedy_generate(model, x, 8, attention_mask=mask, stop_at_eos=False)
+    hook.remove()
+    assert grad and not any(grad)
+    ref = model.generate(x, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, ref)
+    assert torch.equal(got[0, 12:], greedy_generate(model, a, 8, stop_at_eos=False)[0])
+    with pytest.raises(ValueError, match="left padding"):
+        greedy_generate(model, x, 4, attention_mask=mask.flip(-1))
+    with pytest.raises(ValueError, match="shape"):
+        greedy_generate(model, x, 4, attention_mask=mask[:, 1:])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("spla_model", [False, True])
@@ -315,3 +343,13 @@ def test_greedy_generate_cuda_graph(spla_model):
     ref_eos = model.generate(prompt[:1], max_new_tokens=n, do_sample=False, **kw)
     got_eos, info = greedy_generate(model, prompt[:1], n, return_info=True, **kw)
     assert torch.equal(got_eos, ref_eos) and info["stopped_at_eos"] and info["replays"] < n - 2
+    # a left-padded batch through the graph: the eager loop's and generate's tokens
+    mask = torch.ones_like(prompt)
+    mask[0, :37] = 0
+    x = prompt.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, stop_at_eos=False)
+    got_pad = greedy_generate(model, x, n, **kw)
+    assert torch.equal(got_pad, greedy_generate(model, x, n, cuda_graph=False, **kw))
+    ref_pad = model.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(got_pad, ref_pad)

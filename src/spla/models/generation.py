@@ -31,15 +31,14 @@ def _make_cache(model, batch: int, max_len: int):
     return StaticCache(config=model.config, max_cache_len=max_len)
 
 
-def _forward(model, tok, cache, cpos, pos, keep: int = 1) -> torch.Tensor:
+def _forward(model, tok, cache, cpos, pos, mask=None, keep: int = 1) -> torch.Tensor:
     with warnings.catch_warnings():  # newer transformers call it `cache`; the old name works in all 5.x
         warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        out = model(input_ids=tok, past_key_values=cache, cache_position=cpos, position_ids=pos, use_cache=True,
-                    logits_to_keep=keep)
+        out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, cache_position=cpos,
+                    position_ids=pos, use_cache=True, logits_to_keep=keep)
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-@torch.no_grad()
 def _eos_ids(model, eos_token_id) -> Optional[List[int]]:
     if eos_token_id is None:
         gen = getattr(model, "generation_config", None)
@@ -51,10 +50,12 @@ def _eos_ids(model, eos_token_id) -> Optional[List[int]]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(x) for x in eos_token_id]
 
 
+@torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: Optional[bool] = None,
-                    stop_at_eos: bool = True, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-                    pad_token_id: Optional[int] = None, return_info: bool = False):
-    """Greedy continuation of ``input_ids [B, P]`` (equal-length prompts, no padding) by ``max_new_tokens``.
+                    attention_mask: Optional[torch.Tensor] = None, stop_at_eos: bool = True,
+                    eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
+                    return_info: bool = False):
+    """Greedy continuation of ``input_ids [B, P]`` by at most ``max_new_tokens`` tokens.
 
     Args:
         model: a causal LM from transformers, dense or converted by :func:`spla.convert`.
@@ -65,6 +66,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
             ``max_new_tokens`` steps, whatever the tokens (as ``generate`` with ``min_new_tokens=max_new_tokens``).
         eos_token_id: the end-of-sequence id(s) (default: the model's generation config, then its config).
         pad_token_id: the id given to finished rows (default: the generation config's, else the first EOS id).
+        attention_mask: ``[B, P]``, 1 for prompt tokens and 0 for padding; prompts of different lengths must be
+            left-padded (as for ``generate``). Positions count real tokens only.
         cuda_graph: capture the decode step as a CUDA graph and replay it (default: when ``input_ids`` is on a
             GPU). The first new token comes from the prefill, the second from an eager step (it also compiles
             the kernels), every later one from a replay. A failed capture raises ``RuntimeError`` (the cache is
@@ -86,6 +89,19 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
     if use_graph and dev.type != "cuda":
         raise ValueError("cuda_graph=True needs input_ids (and the model) on a CUDA device")
     B, P = input_ids.shape
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        m = attention_mask.to(dev).long()
+        if bool((m[:, 1:] < m[:, :-1]).any()) or not bool(m[:, -1].all()):
+            raise ValueError("attention_mask: only left padding is supported (every row ends with its prompt)")
+        pos = m.cumsum(-1) - 1
+        pos = pos.masked_fill(m == 0, 1)
+        if bool(m.all()):
+            attention_mask = None  # nothing padded: the unmasked path
+    else:
+        pos = torch.arange(P, device=dev)[None].expand(B, P)
     eos = _eos_ids(model, eos_token_id) if stop_at_eos else None
     if eos is not None:
         if pad_token_id is None:
@@ -93,8 +109,15 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
         pad = torch.tensor(eos[0] if pad_token_id is None else pad_token_id, device=dev)
         eos_t = torch.tensor(eos, device=dev)
     cache = _make_cache(model, B, P + max_new_tokens)
-    cpos = torch.arange(P, device=dev)
-    tok = _forward(model, input_ids, cache, cpos, cpos[None].expand(B, P))
+    # the padding mask of every position the cache can hold (new tokens are real), for a dense model's steps;
+    # SPLA layers read padding at the prefill only (each decode state knows its rows' lengths)
+    s_mask = None
+    if attention_mask is not None:
+        full = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=dev)
+        full[:, :P] = m
+        s_mask = None if isinstance(cache, SPLACache) else full
+        attention_mask = m if isinstance(cache, SPLACache) else full
+    tok = _forward(model, input_ids, cache, torch.arange(P, device=dev), pos, attention_mask)
     out = [tok]
     info = dict(graph=False, replays=0, stopped_at_eos=False)
     s_done = torch.isin(tok[:, 0], eos_t) if eos is not None else None  # rows that produced an EOS
@@ -110,10 +133,10 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
     # the static inputs of a step: the last token, its position (both updated inside the step)
     s_tok = tok.clone()
     s_cpos = torch.full((1,), P, device=dev, dtype=torch.long)
-    s_pos = torch.full((B, 1), P, device=dev, dtype=torch.long)
+    s_pos = pos[:, -1:] + 1  # [B, 1]: each row's next position
 
     def step() -> torch.Tensor:
-        nxt = _forward(model, s_tok, cache, s_cpos, s_pos)
+        nxt = _forward(model, s_tok, cache, s_cpos, s_pos, s_mask)
         if eos is not None:  # finished rows get the pad id, as in generate
             nxt = torch.where(s_done[:, None], pad, nxt)
             s_done.logical_or_(torch.isin(nxt[:, 0], eos_t))
