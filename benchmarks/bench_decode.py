@@ -93,11 +93,23 @@ SWEEP = dict(
 )
 
 
+def stage_fns(st, q, new):
+    """Each kernel of the step alone, on inputs the previous stages made now (``lengths`` already at T + 1; the
+    token is written again at every call): {"score", "topk", "attn", "comb"} -> callable."""
+    kn, vn, kln = new
+    sc = decode_score(st, q, new=new)
+    idx = decode_topk(st, *sc)
+    parts = decode_partials(st, q, q, idx)
+    return dict(score=lambda: decode_score(st, q, new=new), topk=lambda: decode_topk(st, *sc),
+                attn=lambda: decode_partials(st, q, q, idx),
+                comb=lambda: decode_combine(st, q, parts, q.dtype, new=(kln, vn)))
+
+
 def sweep(st, q, new, out, stages=tuple(SWEEP)):
     """Each stage alone (a CUDA graph, lengths held at T + 1) under every setting of ``SWEEP``; the other
     settings stay at their defaults; the "attn" settings are timed with the combine after them (attention +
     combine). Returns {stage: [(setting, us)]}."""
-    kn, vn, kln = new
+    _, vn, kln = new
     base = dict(LAUNCH)
     res = {}
     st.lengths.add_(1)
@@ -108,13 +120,12 @@ def sweep(st, q, new, out, stages=tuple(SWEEP)):
             for cfg in settings:
                 LAUNCH.update(base)
                 LAUNCH.update(cfg)
-                sc = decode_score(st, q, new=(kn, vn, kln))
-                idx = decode_topk(st, *sc)
-                parts = decode_partials(st, q, q, idx)
-                # the split changes the combine's work too (it merges topk x split partials): "attn" times both
-                fn = dict(score=lambda: decode_score(st, q, new=(kn, vn, kln)), topk=lambda: decode_topk(st, *sc),
-                          attn=lambda: decode_combine(st, q, decode_partials(st, q, q, idx), q.dtype, new=(kln, vn)),
-                          comb=lambda: decode_combine(st, q, parts, q.dtype, new=(kln, vn)))[stage]
+                fns = stage_fns(st, q, new)
+                if stage == "attn":  # the split changes the combine's work too (topk x split partials): time both
+                    def fn(attn=fns["attn"]):
+                        return decode_combine(st, q, attn(), q.dtype, new=(kln, vn))
+                else:
+                    fn = fns[stage]
                 us = graph_us(fn)
                 res[stage].append((cfg, us))
                 print(f"#   {stage:>5} {cfg}: {us:.1f} us", file=out, flush=True)
@@ -229,13 +240,7 @@ def main():
                 row[f"step_{tag}"] = graph_us(step)
                 if tag == "fp32":  # each stage alone, lengths held at T + 1 (the token written again each replay)
                     st.lengths.add_(1)
-                    sc = decode_score(st, q, new=(kn, vn, kln))
-                    idx = decode_topk(st, *sc)
-                    parts = decode_partials(st, q, q, idx)
-                    stages = dict(score=lambda: decode_score(st, q, new=(kn, vn, kln)),
-                                  topk=lambda: decode_topk(st, *sc), attn=lambda: decode_partials(st, q, q, idx),
-                                  comb=lambda: decode_combine(st, q, parts, q.dtype, new=(kln, vn)))
-                    row.update({k: graph_us(f) for k, f in stages.items()})
+                    row.update({k: graph_us(f) for k, f in stage_fns(st, q, (kn, vn, kln)).items()})
                     st.lengths.sub_(1)
                 row[f"mb_{tag}"] = spla_bytes(B, T, HQ, H, D, bs, topk, st.rep_keys,
                                               stats_elt=4 if sdt is None else 2) / 1e6

@@ -37,6 +37,12 @@ def _add_spla_options(p: argparse.ArgumentParser, topk: int = 16) -> None:
                         "none: o_sparse only (top-k block-sparse attention, no residual branch)")
 
 
+def _dtype(name: str):
+    """The torch dtype of a ``--dtype`` choice (fp32, bf16, fp16)."""
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
     from spla.demo import run_demo
@@ -48,11 +54,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- convert
 def _convert(args: argparse.Namespace) -> int:
-    import torch
-
     from spla.models import convert, load, load_tokenizer
     cfg = _spla_config_from_args(args)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = _dtype(args.dtype)
     print(f"loading {args.model} ...", flush=True)
     model = load(args.model, dtype=dtype)
     convert(model, cfg)
@@ -79,7 +83,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise SystemExit("spla generate: give exactly one of --prompt and --prompt-file")
     text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = _dtype(args.dtype)
     model = load(args.model, dtype=dtype, device=dev)
     if not args.dense and spla_config_of(model) is None:
         from spla.models import convert

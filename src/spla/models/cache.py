@@ -80,3 +80,18 @@ class SPLACache(Cache):
             layer.set_state(create())
         layer.seen += n_new
         return layer.state
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more tokens in every layer's state now, so the next ``n`` steps allocate nothing and
+        can be captured in a CUDA graph (:meth:`SPLADecodeState.reserve`)."""
+        for layer in self.layers:
+            if layer.state is not None:
+                layer.state.reserve(n)
+
+    def count_replays(self, n: int) -> None:
+        """After a captured step was replayed ``n`` times: its host-side counters (positions seen, the decode
+        states' ``max_length``) moved once, at the capture, while the device ones moved at every replay."""
+        for layer in self.layers:
+            layer.seen += n - 1
+            if layer.state is not None:
+                layer.state.max_length += n - 1

@@ -98,8 +98,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
             raise ValueError("attention_mask: only left padding is supported (every row ends with its prompt)")
         pos = m.cumsum(-1) - 1
         pos = pos.masked_fill(m == 0, 1)
-        if bool(m.all()):
-            attention_mask = None  # nothing padded: the unmasked path
+        attention_mask = None if bool(m.all()) else m  # nothing padded: the unmasked path
     else:
         pos = torch.arange(P, device=dev)[None].expand(B, P)
     eos = _eos_ids(model, eos_token_id) if stop_at_eos else None
@@ -109,14 +108,12 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
         pad = torch.tensor(eos[0] if pad_token_id is None else pad_token_id, device=dev)
         eos_t = torch.tensor(eos, device=dev)
     cache = _make_cache(model, B, P + max_new_tokens)
-    # the padding mask of every position the cache can hold (new tokens are real), for a dense model's steps;
-    # SPLA layers read padding at the prefill only (each decode state knows its rows' lengths)
+    spla = isinstance(cache, SPLACache)
+    # a dense model's steps take the padding mask of every position its static cache holds (new tokens are
+    # real); SPLA layers read padding at the prefill only (each decode state knows its rows' lengths)
     s_mask = None
-    if attention_mask is not None:
-        full = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=dev)
-        full[:, :P] = m
-        s_mask = None if isinstance(cache, SPLACache) else full
-        attention_mask = m if isinstance(cache, SPLACache) else full
+    if attention_mask is not None and not spla:
+        attention_mask = s_mask = torch.cat([m, m.new_ones(B, max_new_tokens)], 1)
     tok = _forward(model, input_ids, cache, torch.arange(P, device=dev), pos, attention_mask)
     out = [tok]
     info = dict(graph=False, replays=0, stopped_at_eos=False)
@@ -126,10 +123,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
         if eos is not None and bool(s_done.all()):
             info["stopped_at_eos"] = True
         return info["stopped_at_eos"]
-    if max_new_tokens > 1 and isinstance(cache, SPLACache):
-        for layer in cache.layers:  # room for every later token now: the steps then allocate nothing
-            if layer.state is not None:
-                layer.state.reserve(max_new_tokens)
+    if max_new_tokens > 1 and spla:
+        cache.reserve(max_new_tokens)  # room for every later token now: the steps then allocate nothing
     # the static inputs of a step: the last token, its position (both updated inside the step)
     s_tok = tok.clone()
     s_cpos = torch.full((1,), P, device=dev, dtype=torch.long)
@@ -176,12 +171,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda
                 break
         torch.cuda.synchronize()
         info["replay_s"] = time.perf_counter() - t0
-        if isinstance(cache, SPLACache):
-            # the cache's host-side counters moved once, at the capture; its device ones at every replay
-            for layer in cache.layers:
-                layer.seen += info["replays"] - 1
-                if layer.state is not None:
-                    layer.state.max_length += info["replays"] - 1
+        if spla:
+            cache.count_replays(info["replays"])
     info["graph"] = info["replays"] > 0
     ids = torch.cat([input_ids] + out, 1)
     return (ids, info) if return_info else ids

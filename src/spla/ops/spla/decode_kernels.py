@@ -321,10 +321,9 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 
 #: Launch settings of the four kernels, read at every call (``benchmarks/bench_decode.py --sweep`` times the
 #: alternatives): ``score_tile`` candidate blocks per scoring tile, ``score_tiles_per_program`` tiles each
-#: scoring program loops over (one partial log-sum-exp per program; > 1 not yet timed on a GPU), ``topk_chunk``
-#: blocks per top-k round,
-#: ``attn_split`` programs per selected block (each takes ``block_size / attn_split`` rows), ``combine_bv``
-#: value channels per combine program, and each kernel's warps. The defaults are the fastest of the sweep on an
+#: scoring program loops over (one partial log-sum-exp per program; > 1 not yet timed on a GPU),
+#: ``topk_chunk`` blocks per top-k round, ``attn_split`` programs per selected block (each takes
+#: ``block_size / attn_split`` rows), ``combine_bv`` value channels per combine program, and each kernel's warps. The defaults are the fastest of the sweep on an
 #: H200 at 128k, batch 1 and 8 (docs/benchmarks.md); ``attn_split=2`` made the attention 2.7 us faster there but
 #: the combine, which then merges twice the partials, 7.5 us slower.
 LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=1, topk_chunk=1024, topk_warps=8, attn_split=1,
