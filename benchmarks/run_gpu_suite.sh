@@ -36,20 +36,32 @@ for w in $what; do
       # then four stage-2 processes side by side on the one GPU (seeds 0-3 of the main variants, seeds 0-1 of six
       # ablations, 556 steps each), the pooled table (--merge) and the no-training table (--stage convert).
       # stage1.pt (27 MB) and the stage-2 logs stay in /tmp/recall; the tables, plot and logs land in $OUT/recall
-      # (RECALL_PRESET / RECALL_STEPS override the preset and the stage-2 steps, e.g. tiny / 6 for a CPU dry run)
-      P=${RECALL_PRESET:-gpu}; N=${RECALL_STEPS:-556}
+      # (RECALL_PRESET / RECALL_STEPS override the preset and the stage-2 steps, e.g. tiny / 6 for a CPU dry run;
+      # RECALL_INIT=path/stage1.pt continues that stage-1 model, e.g. the gpu preset's 4k model grown to 16k by
+      # gpu-16k's curriculum; RECALL_STAGE1_MIN caps stage 1's minutes (default 3); RECALL_ABLATE=0 runs only the
+      # four main variants, seeds 0-3 in four processes)
+      P=${RECALL_PRESET:-gpu}; N=${RECALL_STEPS:-556}; M=${RECALL_STAGE1_MIN:-3}
       R="python3 -m experiments.recall --preset $P"; D=/tmp/recall-$P
-      mkdir -p "$OUT/recall"
-      timeout 200 $R --out $D/main --stage 1 --stage1-minutes 3 2>&1 | tee "$OUT/recall/stage1.log"
-      for d in s23 ablA ablB; do mkdir -p $D/$d; cp $D/main/stage1.pt $D/$d/; done
-      $R --out $D/main --stage 2 --seeds 0 1 --stage2-steps $N > $D/main.log 2>&1 &
-      $R --out $D/s23 --stage 2 --seeds 2 3 --stage2-steps $N > $D/s23.log 2>&1 &
-      $R --out $D/ablA --stage 2 --seeds 0 1 --stage2-steps $N \
-        --variants spla_merge_lr30 spla_rattention spla_elu1 spla_relu2 > $D/ablA.log 2>&1 &
-      $R --out $D/ablB --stage 2 --seeds 0 1 --stage2-steps $N \
-        --variants spla_block_half spla_block_double spla_topk_half spla_topk_double > $D/ablB.log 2>&1 &
+      mkdir -p "$OUT/recall" $D/main
+      [ -n "${RECALL_INIT:-}" ] && cp "$RECALL_INIT" $D/main/stage1.pt
+      timeout $(( ${M%.*} * 60 + 80 )) $R --out $D/main --stage 1 --stage1-minutes $M 2>&1 | tee "$OUT/recall/stage1.log"
+      # the stage-1 model comes back in 15 MB parts (RECALL_INIT for a later call: cat the parts)
+      [ "${RECALL_SAVE_STAGE1:-0}" = 1 ] && split -b 15M $D/main/stage1.pt "$OUT/recall/stage1.pt.part-"
+      if [ "${RECALL_ABLATE:-1}" = 0 ]; then parts="main s1 s2 s3"; else parts="main s23 ablA ablB"; fi
+      for d in $parts; do [ $d = main ] || { mkdir -p $D/$d; cp $D/main/stage1.pt $D/$d/; }; done
+      if [ "${RECALL_ABLATE:-1}" = 0 ]; then
+        for s in 0 1 2 3; do d=main; [ $s = 0 ] || d=s$s
+          $R --out $D/$d --stage 2 --seeds $s --stage2-steps $N > $D/$d.log 2>&1 & done
+      else
+        $R --out $D/main --stage 2 --seeds 0 1 --stage2-steps $N > $D/main.log 2>&1 &
+        $R --out $D/s23 --stage 2 --seeds 2 3 --stage2-steps $N > $D/s23.log 2>&1 &
+        $R --out $D/ablA --stage 2 --seeds 0 1 --stage2-steps $N \
+          --variants spla_merge_lr30 spla_rattention spla_elu1 spla_relu2 > $D/ablA.log 2>&1 &
+        $R --out $D/ablB --stage 2 --seeds 0 1 --stage2-steps $N \
+          --variants spla_block_half spla_block_double spla_topk_half spla_topk_double > $D/ablB.log 2>&1 &
+      fi
       wait; tail -n 4 $D/*.log
-      $R --merge $(for d in main s23 ablA ablB; do ls $D/$d/results.json 2>/dev/null; done) --out "$OUT/recall"
+      $R --merge $(for d in $parts; do ls $D/$d/results.json 2>/dev/null; done) --out "$OUT/recall"
       $R --out $D/main --stage convert 2>&1 | tee "$OUT/recall/convert.log" ;;
     forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
   esac
