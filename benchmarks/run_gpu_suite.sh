@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU tests, then the benchmarks, logs under $OUT (or ./out).
-#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|decode-tune|generate|backward|model|forward|recall|all]...
+#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|decode-tune|generate|backward|model|forward|linear|recall|all]...
 #   (default: all)
 # fla (for the NSA baseline) is taken from ./.whl when present (see docs/benchmarks.md).
 set -uo pipefail
@@ -63,6 +63,8 @@ for w in $what; do
       wait; tail -n 4 $D/*.log
       $R --merge $(for d in $parts; do ls $D/$d/results.json 2>/dev/null; done) --out "$OUT/recall"
       $R --out $D/main --stage convert 2>&1 | tee "$OUT/recall/convert.log" ;;
+    # the global linear attention's state-pass launch settings (issues 3 and 4), ~2 minutes
+    linear) python3 benchmarks/bench_linear.py 2>&1 | tee "$OUT/bench_linear.log" ;;
     forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
   esac
 done

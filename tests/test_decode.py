@@ -106,10 +106,13 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
 
 @pytest.mark.parametrize("launch", [dict(attn_split=2, combine_bv=16, score_tile=64),
                                     dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8),
-                                    dict(score_tile=16, score_tiles_per_program=3)])
+                                    dict(score_tile=16, score_tiles_per_program=3, score_stages=2),
+                                    dict(attn_slices_per_program=4, attn_stages=2),
+                                    dict(attn_split=2, attn_slices_per_program=2)])
 def test_triton_decode_launch_settings(monkeypatch, launch):
-    """Other launch settings (a selected block split over two attention programs, narrower combine slices,
-    other tiles; what ``bench_decode.py --sweep`` times) give the torch step's selection and outputs."""
+    """Other launch settings (a selected block split over two attention programs, several blocks merged online
+    by one, narrower combine slices, other tiles, pipelined loops; what ``bench_decode.py --sweep`` times) give
+    the torch step's selection and outputs."""
     from spla.ops.spla import decode_kernels as dk
     for key, val in launch.items():
         monkeypatch.setitem(dk.LAUNCH, key, val)
@@ -134,6 +137,10 @@ def test_triton_decode_split_must_divide_block():
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(dk.LAUNCH, "attn_split", 4)  # slices of 8 rows: refused
         with pytest.raises(ValueError, match="attn_split"):
+            dk.decode_partials(st, q, q, idx)
+        mp.setitem(dk.LAUNCH, "attn_split", 1)
+        mp.setitem(dk.LAUNCH, "attn_slices_per_program", 3)  # does not divide top-2: refused
+        with pytest.raises(ValueError, match="attn_slices_per_program"):
             dk.decode_partials(st, q, q, idx)
 
 

@@ -245,3 +245,34 @@ def test_gpu_topk_attn_matches_spla_sparse_branch():
     for n, g, r in zip(NAMES, torch.autograd.grad((out.o_sparse * w).sum(), a),
                        torch.autograd.grad((ref.o_sparse * w).sum(), b)):
         assert rel_err(g.float(), r.float()) < 1e-2, n
+
+
+@pytest.mark.parametrize("launch", [dict(), dict(state_bk=32, state_bv=16, state_stages=1),
+                                    dict(state_bk=16, state_bv=16, state_warps=2, state_stages=3)])
+def test_global_linear_launch_settings(launch, monkeypatch):
+    """The global linear attention's kernels (forward, and the backward's state passes) under the state-pass
+    launch settings ``bench_linear.py`` sweeps: equal to the torch chunk path's outputs and autograd gradients
+    (fp32, two packed sequences, one not a multiple of the chunk, GQA 3)."""
+    from spla.ops.spla import linear as lin
+    from spla.ops.spla.chunk import chunk_global_linear_attn
+    from spla.ops.spla.parallel import LINEAR_CHUNK, _prepare_meta
+    for key, val in launch.items():
+        monkeypatch.setitem(lin.LINEAR_LAUNCH, key, val)
+    T, HQ, H, F, DV = 150, 6, 2, 64, 32
+    cu = (0, 83, T)
+    g = torch.Generator().manual_seed(3)
+    fq, fk = torch.rand(T, HQ, F, generator=g), torch.rand(T, H, F, generator=g)
+    v = torch.randn(T, H, DV, generator=g)
+    dg, dgm = torch.randn(T, HQ, DV, generator=g), torch.randn(T, HQ, generator=g)
+    live = (torch.rand(T, H, generator=g) > 0.2).float()
+    meta = _prepare_meta(cu, 32, 1, "cpu")
+    o, om = lin.global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK)
+    xs = [x.clone().double().requires_grad_() for x in (fq, fk, v)]
+    ro, rom = chunk_global_linear_attn(*(x[None] for x in xs), torch.tensor(cu), LINEAR_CHUNK)
+    assert_close("glob", ro[0].detach(), o, 1e-5)
+    assert_close("glob_mass", rom[0].detach(), om, 1e-5)
+    lv = live.double().repeat_interleave(HQ // H, 1)
+    ((ro[0] * (dg.double() * lv[..., None])).sum() + (rom[0] * dgm.double() * lv).sum()).backward()
+    grads = lin.global_linear_bwd(fq, fk, v, dg * lv[..., None].float(), dgm * lv.float(), live, meta, LINEAR_CHUNK)
+    for n, a, x in zip(("dfq", "dfk", "dv"), grads, xs):
+        assert_close(n, x.grad, a, 1e-5)

@@ -11,9 +11,10 @@ A step is four launches (after ``lengths += 1``) and no host sync (so it can be 
 2. ``spla_decode_fwd_kernel_select``: per ``(b, h)``, merges the partial log-sum-exps, forms the group score
    ``s_j`` of every block (forced blocks first, blocks that are neither forced nor candidates never) and
    keeps the top-k of packed (score, block) keys with ``tl.topk``, chunk by chunk.
-3. ``spla_decode_fwd_kernel_attn``: one program per selected block (split-K over the selection): exact
-   attention partials (max, sum, weighted values) over the block's visible tokens and, over the same K/V
-   tiles, the selected linear term and its mass; unselected blocks are never read.
+3. ``spla_decode_fwd_kernel_attn``: one program per selected block, or per group of selected blocks merged by
+   an online softmax, or per slice of one (split-K over the selection): exact attention partials (max, sum,
+   weighted values) over the visible tokens and, over the same K/V tiles, the selected linear term and its
+   mass; unselected blocks are never read.
 4. ``spla_decode_fwd_kernel_combine``: per ``(b, h)`` and slice of value channels, adds the new token to the fp32
    linear state, then the log-sum-exp combine of the partials, the global term ``phi(q)·S`` and the subtraction
    (zero where every visible token was selected, by count).
@@ -81,10 +82,11 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
                                  D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
                                  DL: tl.constexpr, BDL: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
                                  BSP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr,
-                                 BJ: tl.constexpr, APPEND: tl.constexpr, TPP: tl.constexpr = 1):
+                                 BJ: tl.constexpr, APPEND: tl.constexpr, TPP: tl.constexpr = 1,
+                                 NSTAGES: tl.constexpr = 1):
     """``TPP`` consecutive tiles of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and one
-    partial log-sum-exp over them (online across the tiles). With ``APPEND`` the program-0 also writes the
-    newest token to the caches (``_write_token``)."""
+    partial log-sum-exp over them (online across the tiles; ``NSTAGES`` > 1 software-pipelines the tiles' loads).
+    With ``APPEND`` the program-0 also writes the newest token to the caches (``_write_token``)."""
     i_p = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -100,7 +102,7 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
         o_d = tl.arange(0, BD)
         m_d = o_d < D
         b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(tl.float32)
-        for u in range(TPP):
+        for u in tl.range(0, TPP, num_stages=NSTAGES):
             o_j = j0 + u * BJ + tl.arange(0, BJ)
             m_j = (o_j >= SINK) & (o_j < hi)
             base = ((i_b * NB_cap + o_j) * H + i_h) * D  # [BJ]
@@ -192,48 +194,65 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
                                 scale, T_cap, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                                 BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
                                 BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr, BS: tl.constexpr,
-                                TOPK: tl.constexpr, FMAP: tl.constexpr, SPLIT: tl.constexpr):
-    """Partials of one slice of ``BS`` rows (1/``SPLIT`` of a selected block): partial slot ``i_s`` of
-    ``TOPK * SPLIT`` holds rows ``(i_s % SPLIT) * BS ...`` of the ``i_s // SPLIT``-th selected block."""
+                                TOPK: tl.constexpr, FMAP: tl.constexpr, SPLIT: tl.constexpr, UPP: tl.constexpr = 1,
+                                NSTAGES: tl.constexpr = 1):
+    """Partials of ``UPP`` consecutive slices of ``BS`` rows each (a slice is 1/``SPLIT`` of a selected block;
+    slice ``u`` holds rows ``(u % SPLIT) * BS ...`` of the ``u // SPLIT``-th selected block), merged by an online
+    softmax into partial slot ``i_s`` of ``TOPK * SPLIT / UPP``; ``NSTAGES`` > 1 software-pipelines the loads."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t = tl.load(lengths + i_b).to(tl.int64) - 1
-    blk = tl.load(indices + i_bh * TOPK + i_s // SPLIT).to(tl.int64)
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     o_d, o_v, o_l = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BDL)
     m_d, m_v, m_l = o_d < D, o_v < DV, o_l < DL
     o_i = tl.arange(0, BS)
-    pos = tl.maximum(blk, 0) * (BS * SPLIT) + (i_s % SPLIT) * BS + o_i
-    m_i = (blk >= 0) & (pos <= t)  # [BS] visible selected tokens of this slice
     rows = i_b * HQ + i_h * G + o_g  # [BG]
     b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(tl.float32)
-    tok = (i_b * T_cap + pos) * H + i_h  # [BS]
-    b_k = tl.load(k + tok[:, None] * D + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.).to(tl.float32)
-    b_v = tl.load(v + tok[:, None] * DV + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.).to(tl.float32)
-    # exact attention partials over this block
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BG, BS]
-    b_s = tl.where(m_i[None, :], b_s, float("-inf"))
-    b_m = tl.max(b_s, 1)
-    b_ms = tl.where(b_m == float("-inf"), 0., b_m)
-    b_p = tl.exp(b_s - b_ms[:, None])
-    b_acc = tl.dot(b_p, b_v)  # [BG, BDV]
-    # selected linear term over the same tiles
     b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
-    b_kl = tl.load(k_lin + tok[:, None] * DL + o_l[None, :], mask=m_i[:, None] & m_l[None, :], other=0.).to(tl.float32)
     fq1, fq2 = _phi(b_ql, m_l, FMAP)
-    fk1, fk2 = _phi(b_kl, m_l, FMAP)
-    b_w = tl.dot(fq1, tl.trans(fk1)) + tl.dot(fq2, tl.trans(fk2))  # [BG, BS]
-    b_w = tl.where(m_i[None, :], b_w, 0.)
-    b_lin = tl.dot(b_w, b_v)
-    o = rows * (TOPK * SPLIT) + i_s  # [BG]
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BDV], tl.float32)
+    b_lin = tl.zeros([BG, BDV], tl.float32)
+    b_mass = tl.zeros([BG], tl.float32)
+    n_vis = tl.sum(tl.zeros([BS], tl.int32), 0)
+    for u in tl.range(0, UPP, num_stages=NSTAGES):
+        i_u = i_s * UPP + u
+        blk = tl.load(indices + i_bh * TOPK + i_u // SPLIT).to(tl.int64)
+        pos = tl.maximum(blk, 0) * (BS * SPLIT) + (i_u % SPLIT) * BS + o_i
+        m_i = (blk >= 0) & (pos <= t)  # [BS] visible selected tokens of this slice
+        tok = (i_b * T_cap + pos) * H + i_h  # [BS]
+        b_k = tl.load(k + tok[:, None] * D + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        b_v = tl.load(v + tok[:, None] * DV + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_kl = tl.load(k_lin + tok[:, None] * DL + o_l[None, :], mask=m_i[:, None] & m_l[None, :],
+                       other=0.).to(tl.float32)
+        # exact attention over this slice, merged online
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BG, BS]
+        b_s = tl.where(m_i[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+        b_p = tl.exp(b_s - b_ms[:, None])
+        b_r = tl.exp(b_m - b_ms)  # 0 while nothing was visible (b_m = -inf)
+        b_l = b_l * b_r + tl.sum(b_p, 1)
+        b_acc = b_acc * b_r[:, None] + tl.dot(b_p, b_v)
+        b_m = b_mn
+        # selected linear term over the same tiles (additive)
+        fk1, fk2 = _phi(b_kl, m_l, FMAP)
+        b_w = tl.dot(fq1, tl.trans(fk1)) + tl.dot(fq2, tl.trans(fk2))  # [BG, BS]
+        b_w = tl.where(m_i[None, :], b_w, 0.)
+        b_lin += tl.dot(b_w, b_v)
+        b_mass += tl.sum(b_w, 1)
+        n_vis += tl.sum(m_i.to(tl.int32), 0)
+    NS: tl.constexpr = TOPK * SPLIT // UPP
+    o = rows * NS + i_s  # [BG]
     tl.store(p_m + o, b_m, mask=m_g)
-    tl.store(p_l + o, tl.sum(b_p, 1), mask=m_g)
+    tl.store(p_l + o, b_l, mask=m_g)
     tl.store(p_acc + o[:, None] * DV + o_v[None, :], b_acc, mask=m_g[:, None] & m_v[None, :])
     tl.store(p_lin + o[:, None] * DV + o_v[None, :], b_lin, mask=m_g[:, None] & m_v[None, :])
-    tl.store(p_mass + o, tl.sum(b_w, 1), mask=m_g)
-    tl.store(p_cnt + i_bh * (TOPK * SPLIT) + i_s, tl.sum(m_i.to(tl.int32), 0))
+    tl.store(p_mass + o, b_mass, mask=m_g)
+    tl.store(p_cnt + i_bh * NS + i_s, n_vis)
 
 
 @triton.jit
@@ -265,7 +284,7 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     (sequence, KV head) and one slice of ``BV`` value channels (the state is read in ``[DL, BV]`` tiles).
     With ``APPEND`` the state first takes the newest token, ``S += phi(k_lin) v^T``, ``z += phi(k_lin)``
     (each program updates its own slice of S; the slice-0 program updates z), and is written back. ``NSLOT``:
-    the partial slots per row (top-k x the attention kernel's split)."""
+    the partial slots per row (top-k x attn_split / attn_slices_per_program)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -320,14 +339,19 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
 _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 
 #: Launch settings of the four kernels, read at every call (``benchmarks/bench_decode.py --sweep`` times the
-#: alternatives): ``score_tile`` candidate blocks per scoring tile, ``score_tiles_per_program`` tiles each
-#: scoring program loops over (one partial log-sum-exp per program; > 1 not yet timed on a GPU),
-#: ``topk_chunk`` blocks per top-k round, ``attn_split`` programs per selected block (each takes
-#: ``block_size / attn_split`` rows), ``combine_bv`` value channels per combine program, and each kernel's warps. The defaults are the fastest of the sweep on an
-#: H200 at 128k, batch 1 and 8 (docs/benchmarks.md); ``attn_split=2`` made the attention 2.7 us faster there but
-#: the combine, which then merges twice the partials, 7.5 us slower.
-LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=1, topk_chunk=1024, topk_warps=8, attn_split=1,
-              attn_warps=4, combine_bv=32, combine_warps=4)
+#: alternatives):
+#: - ``score_tile`` candidate blocks per scoring tile, ``score_tiles_per_program`` tiles each scoring program
+#:   loops over (one partial log-sum-exp per program), ``score_stages`` software-pipelining stages of that loop;
+#: - ``topk_chunk`` blocks per top-k round;
+#: - ``attn_split`` slices per selected block (each ``block_size / attn_split`` rows),
+#:   ``attn_slices_per_program`` slices each attention program merges online (one partial slot per program:
+#:   the combine merges ``topk * attn_split / attn_slices_per_program``), ``attn_stages`` pipelining stages;
+#: - ``combine_bv`` value channels per combine program, and each kernel's warps.
+#: The defaults are the fastest of the sweep on an H200 at 128k, batch 1 and 8 (docs/benchmarks.md):
+#: 4 tiles per scoring program took the scoring from 147.9 to 124.8 us at batch 8; ``attn_split=2`` made the
+#: attention 2.7 us faster but the combine, which then merges twice the partials, 7.5 us slower.
+LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=1, topk_chunk=1024, topk_warps=8,
+              attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, combine_bv=32, combine_warps=4)
 
 
 def _launch(key: str, value):
@@ -363,7 +387,7 @@ def decode_score(state, q: torch.Tensor, tile: Optional[int] = None, new=None):
         state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl),
         R=R, BS=bs, BSP=_p2(bs), SINK=state.sink_blocks, LOCAL=state.local_blocks,
         TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None, TPP=tpp,
-        num_warps=LAUNCH["score_warps"])
+        NSTAGES=LAUNCH["score_stages"], num_warps=LAUNCH["score_warps"])
     return lbuf, p_m, p_s
 
 
@@ -401,10 +425,12 @@ def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.
     selected block (each a slice of its rows), one partial slot each."""
     B, HQ, D = q.shape
     H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
-    split = LAUNCH["attn_split"]
+    split, upp = LAUNCH["attn_split"], LAUNCH["attn_slices_per_program"]
     if bs % split or bs // split < 16:
         raise ValueError(f"attn_split={split} must divide block_size={bs} into slices of >= 16 rows")
-    ns = topk * split
+    if upp < 1 or (topk * split) % upp:
+        raise ValueError(f"attn_slices_per_program={upp} must divide topk x attn_split = {topk * split}")
+    ns = topk * split // upp
     Dv, Dl = state.Dv, state.Dl
     dev = q.device
     p_m = torch.empty(B, HQ, ns, dtype=torch.float32, device=dev)
@@ -416,7 +442,7 @@ def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.
         q.contiguous(), q_lin.contiguous(), state.k, state.v, state.k_lin, indices.contiguous(), state.lengths,
         p_m, p_l, p_acc, p_lin, p_mass, p_cnt, state.scale, state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D,
         BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), BS=bs // split, TOPK=topk, FMAP=_FMAP[state.fmap],
-        SPLIT=split, num_warps=LAUNCH["attn_warps"])
+        SPLIT=split, UPP=upp, NSTAGES=LAUNCH["attn_stages"], num_warps=LAUNCH["attn_warps"])
     return p_m, p_l, p_acc, p_lin, p_mass, p_cnt
 
 
@@ -429,7 +455,7 @@ def decode_combine(state, q_lin: torch.Tensor, partials, out_dtype: torch.dtype,
     o_rla = torch.empty_like(o)
     mass = torch.empty(B, HQ, dtype=torch.float32, device=q_lin.device)
     BV = min(_p2(Dv), LAUNCH["combine_bv"])
-    ns = partials[0].shape[-1]  # partial slots: top-k x the attention kernel's split
+    ns = partials[0].shape[-1]  # partial slots: top-k x attn_split / attn_slices_per_program
     kl_new, v_new = (x.contiguous() for x in new) if new is not None else (q_lin, q_lin)
     spla_decode_fwd_kernel_combine[(B * H, triton.cdiv(Dv, BV))](
         q_lin.contiguous(), state.S, state.z, state.lengths, *partials, o, o_rla, mass, kl_new, v_new, HQ=HQ, H=H,

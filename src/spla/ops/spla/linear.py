@@ -183,6 +183,22 @@ def spla_fwd_kernel_linear(
         tl.store(om + (bos + o_t) * HQ + i_hq, b_m, mask=m_t)
 
 
+#: Launch settings of the global linear attention, read at every call (``benchmarks/bench_linear.py`` times the
+#: alternatives): the sequential state passes (``spla_fwd_kernel_linear_h``, ``spla_bwd_kernel_linear_dh``) run one
+#: program per ``state_bk`` features x ``state_bv`` value channels x (sequence, KV head), so smaller tiles mean more
+#: programs side by side (each walks every chunk of its sequence); ``state_warps`` / ``state_stages`` their warps
+#: and software-pipelining stages.
+LINEAR_LAUNCH = dict(state_bk=64, state_bv=32, state_warps=4, state_stages=2)
+
+
+def _state_launch(F: int, DV: int):
+    """``(BK, BV, launch kwargs)`` of the state passes for ``F`` features and ``DV`` value channels."""
+    L = LINEAR_LAUNCH
+    BK = min(L["state_bk"], triton.next_power_of_2(F))
+    BV = min(L["state_bv"], triton.next_power_of_2(DV))
+    return BK, BV, dict(num_warps=L["state_warps"], num_stages=L["state_stages"])
+
+
 def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta: dict,
                       chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal global linear attention of packed inputs.
@@ -205,10 +221,10 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
     BK = min(64, triton.next_power_of_2(F))
     BV = min(64, triton.next_power_of_2(DV))
-    BVH = min(32, BV)  # the sequential state pass: more, thinner programs
-    spla_fwd_kernel_linear_h[(triton.cdiv(F, BK), triton.cdiv(DV, BVH), N * H)](
+    BKH, BVH, kw = _state_launch(F, DV)  # the sequential state pass: more, thinner programs
+    spla_fwd_kernel_linear_h[(triton.cdiv(F, BKH), triton.cdiv(DV, BVH), N * H)](
         fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
-        H=H, F=F, DV=DV, BK=BK, BV=BVH, BC=chunk_size, DOT_PREC=prec, CDT=cdt, num_warps=4, num_stages=2)
+        H=H, F=F, DV=DV, BK=BKH, BV=BVH, BC=chunk_size, DOT_PREC=prec, CDT=cdt, **kw)
     o = fq.new_empty(T, HQ, DV, dtype=torch.float32)
     om = fq.new_empty(T, HQ, dtype=torch.float32)
     spla_fwd_kernel_linear[(HQ, triton.cdiv(DV, BV), NT)](
@@ -545,14 +561,13 @@ def global_linear_bwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, dg: t
         tl.bfloat16 if fq.dtype == torch.bfloat16 else tl.float16)
     BK = min(64, triton.next_power_of_2(F))
     BV = min(64, triton.next_power_of_2(DV))
-    BVH = min(32, BV)
+    BKH, BVH, kw = _state_launch(F, DV)
     common = dict(H=H, F=F, DV=DV, BC=chunk_size, DOT_PREC=prec, CDT=cdt)
     # the forward states, recomputed; freed before the state gradients are built
     h = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
-    spla_fwd_kernel_linear_h[(triton.cdiv(F, BK), triton.cdiv(DV, BVH), N * H)](
-        fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT, BK=BK, BV=BVH, **common,
-        num_warps=4, num_stages=2)
+    spla_fwd_kernel_linear_h[(triton.cdiv(F, BKH), triton.cdiv(DV, BVH), N * H)](
+        fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT, BK=BKH, BV=BVH, **common, **kw)
     dfq = fq.new_empty(T, HQ, F, dtype=torch.float32)
     spla_bwd_kernel_linear_dq[(HQ, triton.cdiv(F, BK), NT)](
         fk, v, dg, dgm, live, h, z, dfq, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
@@ -560,9 +575,9 @@ def global_linear_bwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, dg: t
     del h, z
     dh = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
     dz = fq.new_empty(NT, H, F, dtype=torch.float32)
-    spla_bwd_kernel_linear_dh[(triton.cdiv(F, BK), triton.cdiv(DV, BVH), N * H)](
+    spla_bwd_kernel_linear_dh[(triton.cdiv(F, BKH), triton.cdiv(DV, BVH), N * H)](
         fq, dg, dgm, live, dh, dz, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
-        HQ=HQ, G=G, BK=BK, BV=BVH, **common, num_warps=4, num_stages=2)
+        HQ=HQ, G=G, BK=BKH, BV=BVH, **common, **kw)
     dfk = fq.new_empty(T, H, F, dtype=torch.float32)
     spla_bwd_kernel_linear_dk[(H, triton.cdiv(F, BK), NT)](
         fq, v, dg, dgm, live, dh, dz, dfk, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
