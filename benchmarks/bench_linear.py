@@ -95,7 +95,6 @@ def main(argv=None) -> int:
                       flush=True)
                 best.setdefault(tuple(cfg.items()), 0.0)
                 best[tuple(cfg.items())] += fwd + bwd
-            del q, k, v, fq, fk, dg, dgm, live
             torch.cuda.empty_cache()
     LINEAR_LAUNCH.update(base)
     top = min(best, key=best.get)
