@@ -1,12 +1,13 @@
 # -*- coding: utf-8 -*-
 """Global linear attention (SPLA's ``phi(q)·S_t`` branch) on the GPU: the sequential state pass under the launch
-settings of ``spla.ops.spla.linear.LINEAR_LAUNCH``, then forward and backward with the fastest.
+settings of ``spla.ops.spla.linear.LINEAR_LAUNCH``, and the forward's output kernel under its settings.
 
     python benchmarks/bench_linear.py                      # T = 16k, 64k; heads 32/8 and 64/4; D = 128, bf16
     python benchmarks/bench_linear.py --lengths 65536 --heads 32/8
 
-Per setting: the state pass alone (``spla_fwd_kernel_linear_h``), the whole forward (state pass + output kernel)
-and the whole backward (``global_linear_bwd``), ``triton.testing.do_bench`` medians on random data. The state
+Per state-pass setting: the state pass alone (``spla_fwd_kernel_linear_h``), the whole forward (state pass +
+output kernel) and the whole backward (``global_linear_bwd``); per output-kernel setting (query heads per program,
+value tile, warps, stages): the forward. ``triton.testing.do_bench`` medians on random data. The state
 pass writes one fp32 ``[F, Dv]`` state per chunk and KV head; its floor is those bytes plus one read of phi(k)
 and v per feature tile / value tile, printed as the share of the device-to-device copy bandwidth.
 """
@@ -25,11 +26,13 @@ from spla.ops.spla.linear import (LINEAR_LAUNCH, _state_launch, feature_map_fwd,
                                   global_linear_fwd, spla_fwd_kernel_linear_h)
 from spla.ops.spla.parallel import LINEAR_CHUNK, _prepare_meta  # noqa: E402
 
-#: state-pass settings timed (the first is the default at the time of writing)
+#: state-pass settings timed (forward and backward); the first is the default of the time, the next the old one
 SWEEP = [dict(state_bk=bk, state_bv=bv, state_warps=w, state_stages=s)
-         for bk, bv, w, s in ((64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2), (32, 16, 2, 2),
-                              (16, 16, 2, 2), (32, 16, 4, 3), (16, 16, 2, 3), (32, 32, 4, 3), (64, 32, 4, 3))]
-
+         for bk, bv, w, s in ((32, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (32, 16, 2, 2), (16, 16, 2, 3))]
+#: output-kernel settings timed (forward only: the backward does not use that kernel); the first is the default
+SWEEP_OUT = [dict(out_heads=g, out_bv=bv, out_warps=w, out_stages=s)
+             for g, bv, w, s in ((1, 64, 4, 2), (1, 128, 4, 2), (1, 128, 8, 2), (2, 64, 4, 2), (2, 64, 8, 2),
+                                 (2, 128, 8, 2), (4, 64, 8, 2), (4, 64, 8, 3), (4, 32, 4, 2))]
 
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer."""
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     print(f"# {torch.cuda.get_device_name()}; copy {bw / 1e12:.2f} TB/s; bf16, D={args.dim}, F={2 * args.dim}, "
           f"chunk {LINEAR_CHUNK}; default {base}", flush=True)
     print(f"{'T':>7} {'heads':>6}  setting                                  state ms  %copy   fwd ms   bwd ms")
-    best = {}
+    best, best_out = {}, {}
     for hs in args.heads:
         HQ, H = (int(x) for x in hs.split("/"))
         for T in args.lengths:
@@ -95,11 +98,31 @@ def main(argv=None) -> int:
                       flush=True)
                 best.setdefault(tuple(cfg.items()), 0.0)
                 best[tuple(cfg.items())] += fwd + bwd
+            LINEAR_LAUNCH.update(base)
+            ref = global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK)
+            for cfg in SWEEP_OUT[1:]:
+                LINEAR_LAUNCH.update(base)
+                LINEAR_LAUNCH.update(cfg)
+                out = global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK)  # the same outputs as the default's
+                err = max(float((a - b).norm() / b.norm()) for a, b in zip(out, ref))
+                fwd = do_bench(lambda: global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK))
+                desc = " ".join(f"{key}={val}" for key, val in cfg.items())
+                print(f"{T:>7} {hs:>6}  {desc:<40} {'':>8} {'':>6} {fwd:8.3f}   rel err {err:.1e}", flush=True)
+                if not err < 1e-3:
+                    raise SystemExit(f"{cfg}: outputs differ from the default's (rel err {err:.2e})")
+                best_out.setdefault(tuple(cfg.items()), 0.0)
+                best_out[tuple(cfg.items())] += fwd
+            best_out.setdefault(tuple(SWEEP_OUT[0].items()), 0.0)
+            LINEAR_LAUNCH.update(base)
+            best_out[tuple(SWEEP_OUT[0].items())] += do_bench(lambda: global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK))
             torch.cuda.empty_cache()
     LINEAR_LAUNCH.update(base)
     top = min(best, key=best.get)
     print(f"# fastest in total (forward + backward over every shape): {dict(top)}; "
           f"{best[top]:.2f} ms against the default's {best[tuple(SWEEP[0].items())]:.2f} ms")
+    top = min(best_out, key=best_out.get)
+    print(f"# fastest output kernel (forward over every shape): {dict(top)}; {best_out[top]:.2f} ms against the "
+          f"default's {best_out[tuple(SWEEP_OUT[0].items())]:.2f} ms")
     return 0
 
 

@@ -348,9 +348,10 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 #:   the combine merges ``topk * attn_split / attn_slices_per_program``), ``attn_stages`` pipelining stages;
 #: - ``combine_bv`` value channels per combine program, and each kernel's warps.
 #: The defaults are the fastest of the sweep on an H200 at 128k, batch 1 and 8 (docs/benchmarks.md):
-#: 4 tiles per scoring program took the scoring from 147.9 to 124.8 us at batch 8; ``attn_split=2`` made the
-#: attention 2.7 us faster but the combine, which then merges twice the partials, 7.5 us slower.
-LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=1, topk_chunk=1024, topk_warps=8,
+#: 4 tiles per scoring program, pipelined in 2 stages, took the scoring from 121-148 to 101 us at batch 8 (the
+#: step from 240 to 190 us); ``attn_split=2`` made the attention 2.7 us faster but the combine, which then merges
+#: twice the partials, 7.5 us slower; several blocks per attention program (merged online) were no faster.
+LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=2, topk_chunk=1024, topk_warps=8,
               attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, combine_bv=32, combine_warps=4)
 
 

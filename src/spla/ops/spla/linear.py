@@ -10,6 +10,7 @@ stores the state *before* each chunk (fp32), :func:`spla_fwd_kernel_linear` adds
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Tuple
 
@@ -140,29 +141,39 @@ def spla_fwd_kernel_linear(
     BC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     CDT: tl.constexpr,
+    GB: tl.constexpr = 1,
 ):
-    i_hq, i_v, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    i_h = i_hq // G
+    """Outputs of one chunk, ``BV`` value channels and ``GB`` query heads of one KV head (``GB`` divides ``G``):
+    the rows are (head, token) pairs, so the chunk's phi(k), v and state tiles are loaded once for the ``GB``
+    heads."""
+    i_p, i_v, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_hq0 = i_p * GB  # first query head of this program
+    i_h = i_hq0 // G
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     t0 = tl.load(chunk_t0 + i_c).to(tl.int64)
     L = tl.load(chunk_len + i_c).to(tl.int64)
+    o_r = tl.arange(0, GB * BC)
+    o_tr = t0 + o_r % BC  # token of each row
+    hq_r = i_hq0 + o_r // BC  # query head of each row
+    m_r = o_tr < L
     o_t = t0 + tl.arange(0, BC)
     m_t = o_t < L
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    # [BC, BV]
-    b_o = tl.zeros([BC, BV], dtype=tl.float32)
-    # [BC, BC]
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    # [BC]
-    b_m = tl.zeros([BC], dtype=tl.float32)
+    # [GB*BC, BV]
+    b_o = tl.zeros([GB * BC, BV], dtype=tl.float32)
+    # [GB*BC, BC]
+    b_A = tl.zeros([GB * BC, BC], dtype=tl.float32)
+    # [GB*BC]
+    b_m = tl.zeros([GB * BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(F, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < F
+        b_fq = tl.load(fq + ((bos + o_tr[:, None]) * HQ + hq_r[:, None]) * F + o_k[None, :],
+                       mask=m_r[:, None] & m_k[None, :], other=0.).to(CDT)
         # [BC, BK]
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_fq = tl.load(fq + ((bos + o_t[:, None]) * HQ + i_hq) * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
-        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_tk, other=0.).to(CDT)
+        b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :],
+                       mask=m_t[:, None] & m_k[None, :], other=0.).to(CDT)
         # [BK, BV]
         m_kv = m_k[:, None] & m_v[None, :]
         b_h = tl.load(h + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :], mask=m_kv, other=0.)
@@ -171,24 +182,29 @@ def spla_fwd_kernel_linear(
         b_o += tl.dot(b_fq.to(tl.float32), b_h, input_precision=DOT_PREC)
         b_A += tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
         b_m += tl.sum(b_fq.to(tl.float32) * b_z[None, :], 1)
-    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
+    m_A = (o_tr[:, None] >= o_t[None, :]) & m_t[None, :]
     b_A = tl.where(m_A, b_A, 0.)
     # [BC, BV]
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_tv, other=0.).to(CDT)
+    b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                  other=0.).to(CDT)
     b_o += tl.dot(b_A.to(CDT), b_v, input_precision=DOT_PREC)
     b_m += tl.sum(b_A, 1)
-    tl.store(o + ((bos + o_t[:, None]) * HQ + i_hq) * DV + o_v[None, :], b_o, mask=m_tv)
+    tl.store(o + ((bos + o_tr[:, None]) * HQ + hq_r[:, None]) * DV + o_v[None, :], b_o,
+             mask=m_r[:, None] & m_v[None, :])
     if i_v == 0:
-        tl.store(om + (bos + o_t) * HQ + i_hq, b_m, mask=m_t)
+        tl.store(om + (bos + o_tr) * HQ + hq_r, b_m, mask=m_r)
 
 
 #: Launch settings of the global linear attention, read at every call (``benchmarks/bench_linear.py`` times the
 #: alternatives): the sequential state passes (``spla_fwd_kernel_linear_h``, ``spla_bwd_kernel_linear_dh``) run one
 #: program per ``state_bk`` features x ``state_bv`` value channels x (sequence, KV head), so smaller tiles mean more
 #: programs side by side (each walks every chunk of its sequence); ``state_warps`` / ``state_stages`` their warps
-#: and software-pipelining stages.
-LINEAR_LAUNCH = dict(state_bk=64, state_bv=32, state_warps=4, state_stages=2)
+#: and software-pipelining stages (the default: the fastest forward + backward on an H200 at 16k-64k, heads 32/8
+#: and 64/4: 75.6 ms summed against 81.4 for 64 x 32 tiles with 2 stages). The forward's output kernel (``spla_fwd_kernel_linear``) runs one program per
+#: chunk x ``out_bv`` value channels x ``out_heads`` query heads of one KV head (they share the chunk's phi(k), v and
+#: state loads; the largest power of two dividing both it and the group), with ``out_warps`` / ``out_stages``.
+LINEAR_LAUNCH = dict(state_bk=32, state_bv=32, state_warps=4, state_stages=3, out_heads=1, out_bv=64, out_warps=4,
+                     out_stages=2)
 
 
 def _state_launch(F: int, DV: int):
@@ -220,17 +236,19 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
     h = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
     BK = min(64, triton.next_power_of_2(F))
-    BV = min(64, triton.next_power_of_2(DV))
+    BV = min(LINEAR_LAUNCH["out_bv"], triton.next_power_of_2(DV))
+    GB = math.gcd(LINEAR_LAUNCH["out_heads"], G)
+    GB &= -GB  # a power of two that divides the group
     BKH, BVH, kw = _state_launch(F, DV)  # the sequential state pass: more, thinner programs
     spla_fwd_kernel_linear_h[(triton.cdiv(F, BKH), triton.cdiv(DV, BVH), N * H)](
         fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
         H=H, F=F, DV=DV, BK=BKH, BV=BVH, BC=chunk_size, DOT_PREC=prec, CDT=cdt, **kw)
     o = fq.new_empty(T, HQ, DV, dtype=torch.float32)
     om = fq.new_empty(T, HQ, dtype=torch.float32)
-    spla_fwd_kernel_linear[(HQ, triton.cdiv(DV, BV), NT)](
+    spla_fwd_kernel_linear[(HQ // GB, triton.cdiv(DV, BV), NT)](
         fq, fk, v, h, z, o, om, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
-        HQ=HQ, H=H, G=G, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, CDT=cdt,
-        num_warps=4, num_stages=2)
+        HQ=HQ, H=H, G=G, F=F, DV=DV, BK=BK, BV=BV, BC=chunk_size, DOT_PREC=prec, CDT=cdt, GB=GB,
+        num_warps=LINEAR_LAUNCH["out_warps"], num_stages=LINEAR_LAUNCH["out_stages"])
     return o, om
 
 
