@@ -1,15 +1,17 @@
 # -*- coding: utf-8 -*-
-"""Global linear attention (SPLA's ``phi(q)·S_t`` branch) on the GPU: the sequential state pass under the launch
-settings of ``spla.ops.spla.linear.LINEAR_LAUNCH``, and the forward's output kernel under its settings.
+"""Global linear attention (SPLA's ``phi(q)·S_t`` branch) on the GPU under the launch settings of
+``spla.ops.spla.linear.LINEAR_LAUNCH``: the state passes, the forward's output kernel, the backward's dq kernel.
 
     python benchmarks/bench_linear.py                      # T = 16k, 64k; heads 32/8 and 64/4; D = 128, bf16
     python benchmarks/bench_linear.py --lengths 65536 --heads 32/8
 
 Per state-pass setting: the state pass alone (``spla_fwd_kernel_linear_h``), the whole forward (state pass +
-output kernel) and the whole backward (``global_linear_bwd``); per output-kernel setting (query heads per program,
-value tile, warps, stages): the forward. ``triton.testing.do_bench`` medians on random data. The state
-pass writes one fp32 ``[F, Dv]`` state per chunk and KV head; its floor is those bytes plus one read of phi(k)
-and v per feature tile / value tile, printed as the share of the device-to-device copy bandwidth.
+output kernel) and the whole backward (``global_linear_bwd``). Per output-kernel setting (query heads per
+program, value tile, warps, stages): the forward. Per dq-kernel setting (query heads per program, warps): the
+backward. Each output or dq setting's results are checked against the default's. ``triton.testing.do_bench``
+medians on random data. The state pass writes one fp32 ``[F, Dv]`` state per chunk and KV head; its floor is
+those bytes plus one read of phi(k) and v per feature tile / value tile, printed as the share of the
+device-to-device copy bandwidth.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ SWEEP_OUT = [dict(out_heads=g, out_bv=bv, out_warps=w, out_stages=s)
              for g, bv, w, s in ((4, 64, 8, 2), (1, 64, 4, 2), (1, 128, 4, 2), (2, 64, 4, 2), (2, 64, 8, 2),
                                  (4, 64, 8, 3), (4, 128, 8, 2))]
 # (4 heads, 32 channels, 4 warps hit an illegal memory access on an H200, 2026-11-28; left out)
+#: the backward's dq kernel: query heads per program, warps (backward only); the first is the default
+SWEEP_DQ = [dict(dq_heads=g, dq_warps=w) for g, w in ((1, 4), (2, 4), (4, 4), (4, 8))]
 
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer."""
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     print(f"# {torch.cuda.get_device_name()}; copy {bw / 1e12:.2f} TB/s; bf16, D={args.dim}, F={2 * args.dim}, "
           f"chunk {LINEAR_CHUNK}; default {base}", flush=True)
     print(f"{'T':>7} {'heads':>6}  setting                                  state ms  %copy   fwd ms   bwd ms")
-    best, best_out = {}, {}
+    best, best_out, best_dq = {}, {}, {}
     for hs in args.heads:
         HQ, H = (int(x) for x in hs.split("/"))
         for T in args.lengths:
@@ -114,6 +118,19 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{cfg}: outputs differ from the default's (rel err {err:.2e})")
                 best_out.setdefault(tuple(cfg.items()), 0.0)
                 best_out[tuple(cfg.items())] += fwd
+            LINEAR_LAUNCH.update(base)
+            ref = global_linear_bwd(fq, fk, v, dg, dgm, live, meta, LINEAR_CHUNK)
+            for cfg in SWEEP_DQ:
+                LINEAR_LAUNCH.update(base)
+                LINEAR_LAUNCH.update(cfg)
+                out = global_linear_bwd(fq, fk, v, dg, dgm, live, meta, LINEAR_CHUNK)  # the default's gradients
+                err = max(float((a - b).norm() / b.norm()) for a, b in zip(out, ref))
+                bwd = do_bench(lambda: global_linear_bwd(fq, fk, v, dg, dgm, live, meta, LINEAR_CHUNK), rep=50)
+                desc = " ".join(f"{key}={val}" for key, val in cfg.items())
+                print(f"{T:>7} {hs:>6}  {desc:<40} {'':>8} {'':>6} {'':>8} {bwd:8.3f}   rel err {err:.1e}", flush=True)
+                if not err < 1e-3:
+                    raise SystemExit(f"{cfg}: gradients differ from the default's (rel err {err:.2e})")
+                best_dq[tuple(cfg.items())] = best_dq.get(tuple(cfg.items()), 0.0) + bwd
             best_out.setdefault(tuple(SWEEP_OUT[0].items()), 0.0)
             LINEAR_LAUNCH.update(base)
             best_out[tuple(SWEEP_OUT[0].items())] += do_bench(lambda: global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK))
@@ -125,6 +142,9 @@ def main(argv=None) -> int:
     top = min(best_out, key=best_out.get)
     print(f"# fastest output kernel (forward over every shape): {dict(top)}; {best_out[top]:.2f} ms against the "
           f"default's {best_out[tuple(SWEEP_OUT[0].items())]:.2f} ms")
+    top = min(best_dq, key=best_dq.get)
+    print(f"# fastest dq kernel (backward over every shape): {dict(top)}; {best_dq[top]:.2f} ms against the "
+          f"default's {best_dq[tuple(SWEEP_DQ[0].items())]:.2f} ms")
     return 0
 
 

@@ -205,8 +205,17 @@ def spla_fwd_kernel_linear(
 #: state loads; the largest power of two dividing both it and the group), with ``out_warps`` / ``out_stages``.
 #: 4 heads, 64 channels, 8 warps: the forward at 16k, 32/8 heads took 1.02 ms against 1.70 with 1 head and 4 warps
 #: (H200). 4 heads with 32 channels and 4 warps crashed there (illegal memory access, not diagnosed): not swept.
+#: The backward's ``spla_bwd_kernel_linear_dq`` takes the same grouping (``dq_heads``, ``dq_warps``); CPU-tested,
+#: not yet timed on a GPU, so it stays at 1 head per program.
 LINEAR_LAUNCH = dict(state_bk=32, state_bv=32, state_warps=4, state_stages=3, out_heads=4, out_bv=64, out_warps=8,
-                     out_stages=2)
+                     out_stages=2, dq_heads=1, dq_warps=4)
+
+
+def _heads_per_program(want: int, G: int) -> int:
+    """The largest power of two that divides both ``want`` and the group size ``G`` (rows of a program are
+    (head, token) pairs, so their count must be a power of two)."""
+    gb = math.gcd(want, G)
+    return gb & -gb
 
 
 def _state_launch(F: int, DV: int):
@@ -239,8 +248,7 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
     BK = min(64, triton.next_power_of_2(F))
     BV = min(LINEAR_LAUNCH["out_bv"], triton.next_power_of_2(DV))
-    GB = math.gcd(LINEAR_LAUNCH["out_heads"], G)
-    GB &= -GB  # a power of two that divides the group
+    GB = _heads_per_program(LINEAR_LAUNCH["out_heads"], G)
     BKH, BVH, kw = _state_launch(F, DV)  # the sequential state pass: more, thinner programs
     spla_fwd_kernel_linear_h[(triton.cdiv(F, BKH), triton.cdiv(DV, BVH), N * H)](
         fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
@@ -401,40 +409,50 @@ def spla_bwd_kernel_linear_dq(
     BC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     CDT: tl.constexpr,
+    GB: tl.constexpr = 1,
 ):
-    """``dphi(q)_t = S_c dg_t + z_c dgm_t + sum_{i in chunk, i<=t} (dg_t·v_i + dgm_t) phi(k)_i``."""
-    i_hq, i_k, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    i_h = i_hq // G
+    """``dphi(q)_t = S_c dg_t + z_c dgm_t + sum_{i in chunk, i<=t} (dg_t·v_i + dgm_t) phi(k)_i`` for one chunk,
+    ``BK`` features and ``GB`` query heads of one KV head (rows are (head, token) pairs; the chunk's v, phi(k)
+    and state tiles are loaded once for them)."""
+    i_p, i_k, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_hq0 = i_p * GB
+    i_h = i_hq0 // G
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     t0 = tl.load(chunk_t0 + i_c).to(tl.int64)
     L = tl.load(chunk_len + i_c).to(tl.int64)
+    o_r = tl.arange(0, GB * BC)
+    o_tr = t0 + o_r % BC  # token of each row
+    hq_r = i_hq0 + o_r // BC  # query head of each row
+    m_r = o_tr < L
     o_t = t0 + tl.arange(0, BC)
     m_t = o_t < L
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < F
-    b_live = tl.load(live + (bos + o_t) * H + i_h, mask=m_t, other=0.)
-    b_dgm = tl.load(dgm + (bos + o_t) * HQ + i_hq, mask=m_t, other=0.) * b_live
-    b_dfq = tl.zeros([BC, BK], dtype=tl.float32)
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    b_live = tl.load(live + (bos + o_tr) * H + i_h, mask=m_r, other=0.)
+    b_dgm = tl.load(dgm + (bos + o_tr) * HQ + hq_r, mask=m_r, other=0.) * b_live
+    b_dfq = tl.zeros([GB * BC, BK], dtype=tl.float32)
+    b_A = tl.zeros([GB * BC, BC], dtype=tl.float32)
     for i_v in range(tl.cdiv(DV, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < DV
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_dg = tl.load(dg + ((bos + o_t[:, None]) * HQ + i_hq) * DV + o_v[None, :], mask=m_tv, other=0.)
+        b_dg = tl.load(dg + ((bos + o_tr[:, None]) * HQ + hq_r[:, None]) * DV + o_v[None, :],
+                       mask=m_r[:, None] & m_v[None, :], other=0.)
         b_dg = b_dg.to(tl.float32) * b_live[:, None]
-        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_tv, other=0.).to(CDT)
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                      other=0.).to(CDT)
         # [BK, BV]
         b_h = tl.load(h + ((i_c * H + i_h) * F + o_k[:, None]) * DV + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.)
         b_dfq += tl.dot(b_dg, tl.trans(b_h), input_precision=DOT_PREC)
         b_A += tl.dot(b_dg.to(CDT), tl.trans(b_v), input_precision=DOT_PREC)
-    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[None, :] & m_t[:, None]
+    m_A = (o_tr[:, None] >= o_t[None, :]) & m_t[None, :] & m_r[:, None]
     b_A = tl.where(m_A, b_A + b_dgm[:, None], 0.)
     b_fk = tl.load(fk + ((bos + o_t[:, None]) * H + i_h) * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                    other=0.).to(CDT)
     b_z = tl.load(z + (i_c * H + i_h) * F + o_k, mask=m_k, other=0.)
     b_dfq += tl.dot(b_A.to(CDT), b_fk, input_precision=DOT_PREC) + b_dgm[:, None] * b_z[None, :]
-    tl.store(dfq + ((bos + o_t[:, None]) * HQ + i_hq) * F + o_k[None, :], b_dfq, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dfq + ((bos + o_tr[:, None]) * HQ + hq_r[:, None]) * F + o_k[None, :], b_dfq,
+             mask=m_r[:, None] & m_k[None, :])
 
 
 @triton.jit
@@ -589,9 +607,10 @@ def global_linear_bwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, dg: t
     spla_fwd_kernel_linear_h[(triton.cdiv(F, BKH), triton.cdiv(DV, BVH), N * H)](
         fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT, BK=BKH, BV=BVH, **common, **kw)
     dfq = fq.new_empty(T, HQ, F, dtype=torch.float32)
-    spla_bwd_kernel_linear_dq[(HQ, triton.cdiv(F, BK), NT)](
+    GB = _heads_per_program(LINEAR_LAUNCH["dq_heads"], G)
+    spla_bwd_kernel_linear_dq[(HQ // GB, triton.cdiv(F, BK), NT)](
         fk, v, dg, dgm, live, h, z, dfq, meta["chunk_bos"], meta["chunk_t0"], meta["chunk_len"],
-        HQ=HQ, G=G, BK=BK, BV=BV, **common, num_warps=4, num_stages=2)
+        HQ=HQ, G=G, BK=BK, BV=BV, **common, GB=GB, num_warps=LINEAR_LAUNCH["dq_warps"], num_stages=2)
     del h, z
     dh = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
     dz = fq.new_empty(NT, H, F, dtype=torch.float32)
