@@ -228,3 +228,33 @@ def test_presets_are_consistent(name):
     for v in p.variants:
         R.variant_spla(v, p.block_size, p.topk, p.long_len)
     assert p.long_len // (p.block_size * p.topk) >= 8 or name == "tiny"       # at most 1/8 of the context selected
+
+
+def test_recall_selection_probe_tiny(tmp_path):
+    """``experiments.recall_selection`` on a random tiny model: every rule's per-layer fidelity numbers are shares,
+    the oracle's picks recall themselves, the floor share exists exactly for the rules with representative keys,
+    and a missing stage-1 model or a too-short length is a clear error."""
+    from experiments import recall_selection as S
+    preset = R.PRESETS["tiny"]
+    out = str(tmp_path)
+    quiet = lambda s: None  # noqa: E731
+    with pytest.raises(ValueError, match="no stage-1 model"):
+        S.run(preset, out, [128], 1, torch.device("cpu"), log=quiet)
+    model = R.build_model(preset, seed=0)
+    torch.save({"run": {"model": model.state_dict(), "step": 0}}, os.path.join(out, R.STAGE1_FILE))
+    with pytest.raises(ValueError, match="too short"):
+        S.run(preset, out, [8], 1, torch.device("cpu"), log=quiet)
+    res = S.run(preset, out, [128], 2, torch.device("cpu"), log=quiet)
+    r = res["lengths"]["128"]
+    assert set(r["probe"]) == set(R.CONVERT_RULES) and set(r["acc"]) == set(R.CONVERT_RULES) | {"dense"}
+    assert set(r["floor"]) == {"taylor1", "taylor2"}
+    for rule, p in r["probe"].items():
+        assert len(p["mass"]) == preset.layers
+        assert all(0.0 < m <= 1.0 + 1e-9 for m in p["mass"]) and all(0.0 <= x <= 1.0 for x in p["recall"])
+    assert r["probe"]["oracle"]["recall"] == [1.0] * preset.layers
+    assert all(0.0 <= f <= 1.0 for fl in r["floor"].values() for f in fl)
+    assert all(0.0 <= a <= 1.0 for a in r["acc"].values())
+    with open(os.path.join(out, "selection.json")) as f:
+        assert json.load(f)["lengths"]["128"]["acc"] == r["acc"]
+    md = open(os.path.join(out, "selection.md")).read()
+    assert "| 128 | taylor2 |" in md and "| 128 | dense |" in md
