@@ -129,6 +129,28 @@ def test_triton_decode_launch_settings(monkeypatch, launch):
             assert_close(n, getattr(ref, n), getattr(out, n), 1e-5)
 
 
+@pytest.mark.parametrize("launch", [dict(attn_slices_per_program=8),
+                                    dict(attn_split=2, attn_slices_per_program=4, attn_stages=2)])
+def test_triton_decode_merged_programs_with_empty_slots(monkeypatch, launch):
+    """Attention programs that merge several selected blocks when fewer blocks exist than top-k (the -1 slots
+    fall inside one program): the torch step's selection and outputs."""
+    from spla.ops.spla import decode_kernels as dk
+    for key, val in launch.items():
+        monkeypatch.setitem(dk.LAUNCH, key, val)
+    B, HQ, H, D, T, P = 2, 4, 1, 32, 100, 40
+    opts = dict(block_size=32, topk=8)
+    xs = make_inputs(B, T, HQ, H, D, seed=5, dtype=torch.float32, requires_grad=False)
+    states = [SPLADecodeState(B, H, D, **opts, backend=be) for be in ("torch", "triton")]
+    for st in states:
+        st.prefill(*(x[:, :P] for x in xs))
+    for t in range(P, T, 20):
+        ref, out = (st.step(*(x[:, t:t + 20] for x in xs)) for st in states)
+        assert (ref.indices < 0).any()  # fewer blocks than top-k
+        assert torch.equal(ref.indices, out.indices)
+        for n in OUTS:
+            assert_close(n, getattr(ref, n), getattr(out, n), 1e-5)
+
+
 def test_triton_decode_split_must_divide_block():
     from spla.ops.spla import decode_kernels as dk
     st = SPLADecodeState(1, 1, 32, block_size=32, topk=2, backend="triton")

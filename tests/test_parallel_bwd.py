@@ -248,7 +248,8 @@ def test_gpu_topk_attn_matches_spla_sparse_branch():
 
 
 @pytest.mark.parametrize("launch", [dict(), dict(state_bk=32, state_bv=16, state_stages=1, out_heads=4),
-                                    dict(state_bk=16, state_bv=16, state_warps=2, state_stages=3, out_bv=32),
+                                    dict(state_bk=16, state_bv=16, state_warps=2, state_stages=3, out_bv=32,
+                                         out_heads=4),  # 32-channel tiles: one head per program
                                     dict(state_bk=32, state_bv=32, out_heads=2, out_warps=8, dq_heads=2),
                                     dict(out_heads=1, dq_heads=4, dq_warps=8)])
 @pytest.mark.parametrize("HQ", [12, 8])
@@ -256,13 +257,13 @@ def test_global_linear_launch_settings(launch, HQ, monkeypatch):
     """The global linear attention's kernels (forward and backward) under the launch settings ``bench_linear.py``
     sweeps (state-pass tiles; query heads per forward-output / backward-dq program: 2 and 4, which becomes 2 for
     a group of 6): equal to the torch chunk path's outputs and autograd gradients (fp32, two packed sequences,
-    one not a multiple of the chunk, GQA 6 and 4)."""
+    one not a multiple of the chunk, GQA 6 and 4; 160 features and 96 value channels, so partial tiles)."""
     from spla.ops.spla import linear as lin
     from spla.ops.spla.chunk import chunk_global_linear_attn
     from spla.ops.spla.parallel import LINEAR_CHUNK, _prepare_meta
     for key, val in launch.items():
         monkeypatch.setitem(lin.LINEAR_LAUNCH, key, val)
-    T, H, F, DV = 150, 2, 64, 32
+    T, H, F, DV = 150, 2, 160, 96  # several feature and value tiles per program, the last ones partial
     cu = (0, 83, T)
     g = torch.Generator().manual_seed(3)
     fq, fk = torch.rand(T, HQ, F, generator=g), torch.rand(T, H, F, generator=g)

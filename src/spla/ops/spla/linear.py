@@ -204,7 +204,8 @@ def spla_fwd_kernel_linear(
 #: chunk x ``out_bv`` value channels x ``out_heads`` query heads of one KV head (they share the chunk's phi(k), v and
 #: state loads; the largest power of two dividing both it and the group), with ``out_warps`` / ``out_stages``.
 #: 4 heads, 64 channels, 8 warps: the forward at 16k, 32/8 heads took 1.02 ms against 1.70 with 1 head and 4 warps
-#: (H200). 4 heads with 32 channels and 4 warps crashed there (illegal memory access, not diagnosed): not swept.
+#: (H200). 4 heads with 32 channels and 4 warps crashed there (illegal memory access, not diagnosed): value tiles
+#: under 64 channels run one head per program.
 #: The backward's ``spla_bwd_kernel_linear_dq`` takes the same grouping (``dq_heads``, ``dq_warps``); CPU-tested,
 #: not yet timed on a GPU, so it stays at 1 head per program.
 LINEAR_LAUNCH = dict(state_bk=32, state_bv=32, state_warps=4, state_stages=3, out_heads=4, out_bv=64, out_warps=8,
@@ -248,7 +249,8 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
     BK = min(64, triton.next_power_of_2(F))
     BV = min(LINEAR_LAUNCH["out_bv"], triton.next_power_of_2(DV))
-    GB = _heads_per_program(LINEAR_LAUNCH["out_heads"], G)
+    # grouped heads only with value tiles of >= 64 channels: 4 heads x 32 channels crashed on an H200 (see above)
+    GB = _heads_per_program(LINEAR_LAUNCH["out_heads"], G) if BV >= 64 else 1
     BKH, BVH, kw = _state_launch(F, DV)  # the sequential state pass: more, thinner programs
     spla_fwd_kernel_linear_h[(triton.cdiv(F, BKH), triton.cdiv(DV, BVH), N * H)](
         fk, v, h, z, meta["seq_bos"], meta["seq_len"], meta["seq_coff"], NT,
