@@ -92,7 +92,8 @@ SWEEP = dict(
     topk=[dict(topk_chunk=c, topk_warps=w) for c, w in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))],
     attn=[dict(attn_split=s, attn_warps=w) for s, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4))]
     + [dict(attn_slices_per_program=n, attn_stages=s, attn_warps=w)
-       for n, s, w in ((2, 1, 4), (4, 1, 4), (8, 1, 4), (4, 2, 4), (4, 3, 4), (8, 3, 4), (4, 3, 8))],
+       for n, s, w in ((2, 1, 4), (4, 1, 4), (8, 1, 4), (4, 2, 4), (4, 3, 4), (8, 3, 4), (4, 3, 8))]
+    + [dict(attn_lowp=1, attn_warps=w, attn_slices_per_program=n) for w, n in ((4, 1), (8, 1), (4, 4))],
     comb=[dict(combine_bv=b, combine_warps=w) for b, w in ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8))],
 )
 

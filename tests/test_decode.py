@@ -107,7 +107,7 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
 @pytest.mark.parametrize("launch", [dict(attn_split=2, combine_bv=16, score_tile=64),
                                     dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8),
                                     dict(score_tile=16, score_tiles_per_program=3, score_stages=2),
-                                    dict(attn_slices_per_program=4, attn_stages=2),
+                                    dict(attn_slices_per_program=4, attn_stages=2, attn_lowp=1),
                                     dict(attn_split=2, attn_slices_per_program=2)])
 def test_triton_decode_launch_settings(monkeypatch, launch):
     """Other launch settings (a selected block split over two attention programs, several blocks merged online
@@ -201,15 +201,19 @@ def test_triton_decode_many_tiles(monkeypatch, stats_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,ratio,par_agree", [(torch.float32, 5e-3, 0.9), (torch.bfloat16, 2e-2, 0.5)])
-def test_triton_decode_on_gpu(dtype, ratio, par_agree):
-    """On CUDA at 8k context: the Triton step matches the torch step and spla_attn at the same positions.
+@pytest.mark.parametrize("dtype,ratio,par_agree,lowp", [(torch.float32, 5e-3, 0.9, 0), (torch.bfloat16, 2e-2, 0.5, 0),
+                                                        (torch.bfloat16, 2e-2, 0.5, 1)])
+def test_triton_decode_on_gpu(dtype, ratio, par_agree, lowp, monkeypatch):
+    """On CUDA at 8k context: the Triton step matches the torch step and spla_attn at the same positions
+    (``lowp``: the attention kernel with 16-bit matrix-unit operands, ``LAUNCH["attn_lowp"]``).
 
     Both decode paths score in fp32 from the same fp32 statistics, so their selections must agree at almost
     every step. The parallel op scores bf16 inputs with bf16 dot operands (fp32 accumulation), which moves
     near-tied blocks: on an H100 the two comparisons together agreed at 115 of 140 bf16 steps, hence the
     looser bound for the parallel comparison in bf16. Outputs are compared wherever the selections agree.
     """
+    from spla.ops.spla import decode_kernels as dk
+    monkeypatch.setitem(dk.LAUNCH, "attn_lowp", lowp)
     B, HQ, H, D, P, n = 2, 32, 8, 128, 8192, 70
     xs = [x.cuda() for x in make_inputs(B, P + n, HQ, H, D, seed=1, dtype=dtype, requires_grad=False)]
     opts = dict(block_size=64, topk=16)

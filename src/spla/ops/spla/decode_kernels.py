@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spla.ops.spla.parallel import block_stats_tile
+from spla.ops.spla.parallel import block_stats_tile, compute_dtype
 
 
 
@@ -195,10 +195,12 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
                                 BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
                                 BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr, BS: tl.constexpr,
                                 TOPK: tl.constexpr, FMAP: tl.constexpr, SPLIT: tl.constexpr, UPP: tl.constexpr = 1,
-                                NSTAGES: tl.constexpr = 1):
+                                NSTAGES: tl.constexpr = 1, CDT: tl.constexpr = tl.float32):
     """Partials of ``UPP`` consecutive slices of ``BS`` rows each (a slice is 1/``SPLIT`` of a selected block;
     slice ``u`` holds rows ``(u % SPLIT) * BS ...`` of the ``u // SPLIT``-th selected block), merged by an online
-    softmax into partial slot ``i_s`` of ``TOPK * SPLIT / UPP``; ``NSTAGES`` > 1 software-pipelines the loads."""
+    softmax into partial slot ``i_s`` of ``TOPK * SPLIT / UPP``; ``NSTAGES`` > 1 software-pipelines the loads.
+    ``CDT``: the dtype of the matrix-unit operands (fp32, or the 16-bit input dtype: half the registers per tile);
+    the feature maps, softmax statistics and accumulators stay fp32."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -209,9 +211,10 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
     m_d, m_v, m_l = o_d < D, o_v < DV, o_l < DL
     o_i = tl.arange(0, BS)
     rows = i_b * HQ + i_h * G + o_g  # [BG]
-    b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(CDT)
     b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
     fq1, fq2 = _phi(b_ql, m_l, FMAP)
+    fq1, fq2 = fq1.to(CDT), fq2.to(CDT)
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BDV], tl.float32)
@@ -224,8 +227,8 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
         pos = tl.maximum(blk, 0) * (BS * SPLIT) + (i_u % SPLIT) * BS + o_i
         m_i = (blk >= 0) & (pos <= t)  # [BS] visible selected tokens of this slice
         tok = (i_b * T_cap + pos) * H + i_h  # [BS]
-        b_k = tl.load(k + tok[:, None] * D + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.).to(tl.float32)
-        b_v = tl.load(v + tok[:, None] * DV + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_k = tl.load(k + tok[:, None] * D + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.).to(CDT)
+        b_v = tl.load(v + tok[:, None] * DV + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.).to(CDT)
         b_kl = tl.load(k_lin + tok[:, None] * DL + o_l[None, :], mask=m_i[:, None] & m_l[None, :],
                        other=0.).to(tl.float32)
         # exact attention over this slice, merged online
@@ -236,13 +239,13 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
         b_p = tl.exp(b_s - b_ms[:, None])
         b_r = tl.exp(b_m - b_ms)  # 0 while nothing was visible (b_m = -inf)
         b_l = b_l * b_r + tl.sum(b_p, 1)
-        b_acc = b_acc * b_r[:, None] + tl.dot(b_p, b_v)
+        b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(CDT), b_v)
         b_m = b_mn
         # selected linear term over the same tiles (additive)
         fk1, fk2 = _phi(b_kl, m_l, FMAP)
-        b_w = tl.dot(fq1, tl.trans(fk1)) + tl.dot(fq2, tl.trans(fk2))  # [BG, BS]
+        b_w = tl.dot(fq1, tl.trans(fk1.to(CDT))) + tl.dot(fq2, tl.trans(fk2.to(CDT)))  # [BG, BS]
         b_w = tl.where(m_i[None, :], b_w, 0.)
-        b_lin += tl.dot(b_w, b_v)
+        b_lin += tl.dot(b_w.to(CDT), b_v)
         b_mass += tl.sum(b_w, 1)
         n_vis += tl.sum(m_i.to(tl.int32), 0)
     NS: tl.constexpr = TOPK * SPLIT // UPP
@@ -345,14 +348,16 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 #: - ``topk_chunk`` blocks per top-k round;
 #: - ``attn_split`` slices per selected block (each ``block_size / attn_split`` rows),
 #:   ``attn_slices_per_program`` slices each attention program merges online (one partial slot per program:
-#:   the combine merges ``topk * attn_split / attn_slices_per_program``), ``attn_stages`` pipelining stages;
+#:   the combine merges ``topk * attn_split / attn_slices_per_program``), ``attn_stages`` pipelining stages,
+#:   ``attn_lowp=1`` 16-bit matrix-unit operands for 16-bit inputs (written and CPU-tested, not yet timed);
 #: - ``combine_bv`` value channels per combine program, and each kernel's warps.
 #: The defaults are the fastest of the sweep on an H200 at 128k, batch 1 and 8 (docs/benchmarks.md):
 #: 4 tiles per scoring program, pipelined in 2 stages, took the scoring from 121-148 to 101 us at batch 8 (the
 #: step from 240 to 190 us); ``attn_split=2`` made the attention 2.7 us faster but the combine, which then merges
 #: twice the partials, 7.5 us slower; several blocks per attention program (merged online) were no faster.
 LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=2, topk_chunk=1024, topk_warps=8,
-              attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, combine_bv=32, combine_warps=4)
+              attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, attn_lowp=0, combine_bv=32,
+              combine_warps=4)
 
 
 def _launch(key: str, value):
@@ -443,7 +448,8 @@ def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.
         q.contiguous(), q_lin.contiguous(), state.k, state.v, state.k_lin, indices.contiguous(), state.lengths,
         p_m, p_l, p_acc, p_lin, p_mass, p_cnt, state.scale, state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D,
         BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), BS=bs // split, TOPK=topk, FMAP=_FMAP[state.fmap],
-        SPLIT=split, UPP=upp, NSTAGES=LAUNCH["attn_stages"], num_warps=LAUNCH["attn_warps"])
+        SPLIT=split, UPP=upp, NSTAGES=LAUNCH["attn_stages"],
+        CDT=compute_dtype(q.dtype) if LAUNCH["attn_lowp"] else tl.float32, num_warps=LAUNCH["attn_warps"])
     return p_m, p_l, p_acc, p_lin, p_mass, p_cnt
 
 
