@@ -89,7 +89,9 @@ SWEEP = dict(
     + [dict(score_tile=32, score_warps=4, score_tiles_per_program=n) for n in (2, 4, 8)]
     + [dict(score_tile=32, score_warps=w, score_tiles_per_program=n, score_stages=s)
        for n, s, w in ((4, 2, 4), (4, 3, 4), (8, 2, 4), (8, 3, 4), (16, 3, 4), (8, 3, 8))],
-    topk=[dict(topk_chunk=c, topk_warps=w) for c, w in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))],
+    topk=[dict(topk_chunk=c, topk_warps=w) for c, w in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))]
+    + [dict(topk_split=n, topk_chunk=c, topk_warps=w) for n, c, w in ((4, 512, 4), (8, 256, 4), (16, 128, 4),
+                                                                        (8, 256, 8))],
     attn=[dict(attn_split=s, attn_warps=w) for s, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4))]
     + [dict(attn_slices_per_program=n, attn_stages=s, attn_warps=w)
        for n, s, w in ((2, 1, 4), (4, 1, 4), (8, 1, 4), (4, 2, 4), (4, 3, 4), (8, 3, 4), (4, 3, 8))]

@@ -108,10 +108,12 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
                                     dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8),
                                     dict(score_tile=16, score_tiles_per_program=3, score_stages=2),
                                     dict(attn_slices_per_program=4, attn_stages=2, attn_lowp=1),
-                                    dict(attn_split=2, attn_slices_per_program=2)])
+                                    dict(attn_split=2, attn_slices_per_program=2),
+                                    dict(topk_split=4, topk_chunk=16), dict(topk_split=2, score_tiles_per_program=2)])
 def test_triton_decode_launch_settings(monkeypatch, launch):
     """Other launch settings (a selected block split over two attention programs, several blocks merged online
-    by one, narrower combine slices, other tiles, pipelined loops; what ``bench_decode.py --sweep`` times) give
+    by one, narrower combine slices, other tiles, pipelined loops, the top-k split over programs; what
+    ``bench_decode.py --sweep`` times) give
     the torch step's selection and outputs."""
     from spla.ops.spla import decode_kernels as dk
     for key, val in launch.items():
@@ -164,6 +166,10 @@ def test_triton_decode_split_must_divide_block():
         mp.setitem(dk.LAUNCH, "attn_slices_per_program", 3)  # does not divide top-2: refused
         with pytest.raises(ValueError, match="attn_slices_per_program"):
             dk.decode_partials(st, q, q, idx)
+        mp.setitem(dk.LAUNCH, "topk_split", 3)  # not a power of two: refused
+        lbuf = torch.zeros(1, 1, 4)
+        with pytest.raises(ValueError, match="topk_split"):
+            dk.decode_topk(st, lbuf, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
 
 
 @pytest.mark.parametrize("stats_dtype", [None, torch.bfloat16])

@@ -130,44 +130,62 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
 
 
 @triton.jit
-def spla_decode_fwd_kernel_select(lbuf, p_m, p_s, lengths, indices, NBS, NT,
+def spla_decode_fwd_kernel_select(lbuf, p_m, p_s, lengths, indices, part, NBS, NT, SPAN,
                                   HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                   BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
-                                  TOPK: tl.constexpr, KP: tl.constexpr, BNT: tl.constexpr, BC: tl.constexpr):
-    """Group scores of all blocks of one (sequence, KV head) and their top-k (ascending, -1 padded)."""
+                                  TOPK: tl.constexpr, KP: tl.constexpr, BNT: tl.constexpr, BC: tl.constexpr,
+                                  MODE: tl.constexpr = 0, NSPLIT: tl.constexpr = 1):
+    """Group scores of the blocks of one (sequence, KV head) and their top-k (ascending, -1 padded).
+
+    ``MODE`` 0: one program per (sequence, KV head) over all blocks, writes ``indices``. ``MODE`` 1: program
+    ``(i_bh, i_sp)`` takes blocks ``i_sp * SPAN ...`` and writes its ``KP`` best packed keys to
+    ``part [B*H, NSPLIT, KP]``; ``MODE`` 2: one program per (sequence, KV head) merges the ``NSPLIT`` partial
+    lists into ``indices`` (the top-k split over ``NSPLIT`` programs: two short launches instead of one long)."""
     i_bh = tl.program_id(0).to(tl.int64)
-    t, c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
-    # per-head log-sum-exp over the candidates from the tiles' partials
-    o_n = tl.arange(0, BNT)
-    m_gn = m_g[:, None] & (o_n < NT)[None, :]
-    b_pm = tl.load(p_m + rows[:, None] * NT + o_n[None, :], mask=m_gn, other=float("-inf"))
-    b_ps = tl.load(p_s + rows[:, None] * NT + o_n[None, :], mask=m_gn, other=0.)
-    b_mx = tl.max(b_pm, 1)
-    b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
-    b_lse = b_mx + tl.log(tl.sum(b_ps * tl.exp(b_pm - b_mx[:, None]), 1))  # [BG]
-    # packed (score, block) keys: ties go to the lower block, as the torch top-k of the op
     BIG = 2147483647
     NONE = -9223372036854775807 - 1
     INF_BITS = 0x7F800000
-    b_top = tl.full([KP], NONE, tl.int64)
-    for j0 in range(0, c + 1, BC):
-        o_j = j0 + tl.arange(0, BC)
-        is_cand = (o_j >= SINK) & (o_j < hi)
-        m_l = m_g[:, None] & is_cand[None, :]
-        b_l = tl.load(lbuf + rows[:, None] * NBS + o_j[None, :], mask=m_l, other=float("-inf"))
-        b_s = tl.sum(tl.where(m_l, tl.exp(b_l - b_lse[:, None]), 0.), 0)  # [BC]
-        b_bits = b_s.to(tl.int32, bitcast=True)
-        b_bits = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
-        forced = (o_j <= c) & ((o_j < SINK) | (o_j >= hi))
-        b_bits = tl.where(forced, INF_BITS, b_bits)
-        b_key = (b_bits.to(tl.int64) << 32) | (BIG - o_j).to(tl.int64)
-        b_key = tl.where(is_cand | forced, b_key, NONE)
-        b_top = tl.topk(tl.join(b_top, tl.topk(b_key, KP)).reshape([2 * KP]), KP)
     o_k = tl.arange(0, KP)
-    b_idx = tl.where((b_top != NONE) & (o_k < TOPK), BIG - (b_top & 0xFFFFFFFF), BIG)
-    b_idx = tl.sort(b_idx)
-    b_idx = tl.where(b_idx < BIG, b_idx, -1).to(tl.int32)
-    tl.store(indices + i_bh * TOPK + o_k, b_idx, mask=o_k < TOPK)
+    if MODE == 2:
+        o_p = tl.arange(0, NSPLIT * KP)
+        b_top = tl.topk(tl.load(part + i_bh * (NSPLIT * KP) + o_p), KP)
+    else:
+        t, c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
+        # per-head log-sum-exp over the candidates from the tiles' partials
+        o_n = tl.arange(0, BNT)
+        m_gn = m_g[:, None] & (o_n < NT)[None, :]
+        b_pm = tl.load(p_m + rows[:, None] * NT + o_n[None, :], mask=m_gn, other=float("-inf"))
+        b_ps = tl.load(p_s + rows[:, None] * NT + o_n[None, :], mask=m_gn, other=0.)
+        b_mx = tl.max(b_pm, 1)
+        b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
+        b_lse = b_mx + tl.log(tl.sum(b_ps * tl.exp(b_pm - b_mx[:, None]), 1))  # [BG]
+        # packed (score, block) keys: ties go to the lower block, as the torch top-k of the op
+        j_lo, j_hi = 0, c + 1
+        if MODE == 1:
+            i_sp = tl.program_id(1).to(tl.int64)
+            j_lo = i_sp * SPAN
+            j_hi = tl.minimum(c + 1, j_lo + SPAN)
+        b_top = tl.full([KP], NONE, tl.int64)
+        for j0 in range(j_lo, j_hi, BC):
+            o_j = j0 + tl.arange(0, BC)
+            is_cand = (o_j >= SINK) & (o_j < hi) & (o_j < j_hi)
+            m_l = m_g[:, None] & is_cand[None, :]
+            b_l = tl.load(lbuf + rows[:, None] * NBS + o_j[None, :], mask=m_l, other=float("-inf"))
+            b_s = tl.sum(tl.where(m_l, tl.exp(b_l - b_lse[:, None]), 0.), 0)  # [BC]
+            b_bits = b_s.to(tl.int32, bitcast=True)
+            b_bits = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
+            forced = (o_j <= c) & (o_j < j_hi) & ((o_j < SINK) | (o_j >= hi))
+            b_bits = tl.where(forced, INF_BITS, b_bits)
+            b_key = (b_bits.to(tl.int64) << 32) | (BIG - o_j).to(tl.int64)
+            b_key = tl.where(is_cand | forced, b_key, NONE)
+            b_top = tl.topk(tl.join(b_top, tl.topk(b_key, KP)).reshape([2 * KP]), KP)
+        if MODE == 1:
+            tl.store(part + (i_bh * NSPLIT + tl.program_id(1)) * KP + o_k, b_top)
+    if MODE != 1:
+        b_idx = tl.where((b_top != NONE) & (o_k < TOPK), BIG - (b_top & 0xFFFFFFFF), BIG)
+        b_idx = tl.sort(b_idx)
+        b_idx = tl.where(b_idx < BIG, b_idx, -1).to(tl.int32)
+        tl.store(indices + i_bh * TOPK + o_k, b_idx, mask=o_k < TOPK)
 
 
 @triton.jit
@@ -345,7 +363,8 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 #: alternatives):
 #: - ``score_tile`` candidate blocks per scoring tile, ``score_tiles_per_program`` tiles each scoring program
 #:   loops over (one partial log-sum-exp per program), ``score_stages`` software-pipelining stages of that loop;
-#: - ``topk_chunk`` blocks per top-k round;
+#: - ``topk_chunk`` blocks per top-k round, ``topk_split`` programs per (sequence, KV head) sharing the blocks
+#:   before a merge launch (written and CPU-tested, not yet timed);
 #: - ``attn_split`` slices per selected block (each ``block_size / attn_split`` rows),
 #:   ``attn_slices_per_program`` slices each attention program merges online (one partial slot per program:
 #:   the combine merges ``topk * attn_split / attn_slices_per_program``), ``attn_stages`` pipelining stages,
@@ -356,6 +375,7 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 #: step from 240 to 190 us); ``attn_split=2`` made the attention 2.7 us faster but the combine, which then merges
 #: twice the partials, 7.5 us slower; several blocks per attention program (merged online) were no faster.
 LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=2, topk_chunk=1024, topk_warps=8,
+              topk_split=1,
               attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, attn_lowp=0, combine_bv=32,
               combine_warps=4)
 
@@ -399,17 +419,32 @@ def decode_score(state, q: torch.Tensor, tile: Optional[int] = None, new=None):
 
 def decode_topk(state, lbuf: torch.Tensor, p_m: torch.Tensor, p_s: torch.Tensor,
                 chunk: Optional[int] = None) -> torch.Tensor:
-    """Stage 2 of the selection: the top-k blocks `[B, H, topk]` int32 (ascending, -1 padded) from the scores."""
+    """Stage 2 of the selection: the top-k blocks `[B, H, topk]` int32 (ascending, -1 padded) from the scores.
+    With ``LAUNCH["topk_split"]`` = n > 1: n programs per (sequence, KV head) each keep the top-k of a share of
+    the block capacity, then one merges them (two launches)."""
     B, HQ, NBS = lbuf.shape
     H, topk = state.H, state.topk
     NT = p_m.shape[-1]
     chunk = _launch("topk_chunk", chunk)
     out = torch.empty(B, H, topk, dtype=torch.int32, device=lbuf.device)
     KP = _p2(topk, 2)
-    spla_decode_fwd_kernel_select[(B * H,)](
-        lbuf, p_m, p_s, state.lengths, out, NBS, NT, HQ=HQ, H=H, G=HQ // H, BG=_p2(HQ // H), BS=state.block_size,
-        SINK=state.sink_blocks, LOCAL=state.local_blocks, TOPK=topk, KP=KP, BNT=_p2(NT, 2),
-        BC=max(KP, min(_p2(chunk, 2), _p2(NBS, 2))), num_warps=LAUNCH["topk_warps"])
+    nsplit = LAUNCH["topk_split"]
+    if nsplit < 1 or nsplit & (nsplit - 1):
+        raise ValueError(f"topk_split={nsplit} must be a power of two")
+    span = triton.cdiv(NBS, nsplit)
+    BC = max(KP, min(_p2(chunk, 2), _p2(NBS if nsplit == 1 else span, 2)))
+    common = dict(HQ=HQ, H=H, G=HQ // H, BG=_p2(HQ // H), BS=state.block_size, SINK=state.sink_blocks,
+                  LOCAL=state.local_blocks, TOPK=topk, KP=KP, BNT=_p2(NT, 2), BC=BC, NSPLIT=nsplit,
+                  num_warps=LAUNCH["topk_warps"])
+    if nsplit == 1:
+        spla_decode_fwd_kernel_select[(B * H,)](lbuf, p_m, p_s, state.lengths, out, out, NBS, NT, NBS, MODE=0,
+                                                **common)
+        return out
+    part = torch.empty(B * H, nsplit, KP, dtype=torch.int64, device=lbuf.device)
+    spla_decode_fwd_kernel_select[(B * H, nsplit)](lbuf, p_m, p_s, state.lengths, out, part, NBS, NT, span,
+                                                   MODE=1, **common)
+    spla_decode_fwd_kernel_select[(B * H,)](lbuf, p_m, p_s, state.lengths, out, part, NBS, NT, span, MODE=2,
+                                            **common)
     return out
 
 
