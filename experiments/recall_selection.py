@@ -86,7 +86,7 @@ def run(preset, out: str, lengths: Sequence[int], examples: int, device: Optiona
         ValueError: when ``OUT`` holds no stage-1 model, or a length cannot hold the task.
     """
     import spla
-    from spla.demo import FidelityProbe
+    from spla.demo import FidelityProbe, attach_probes
     from spla.layers import SPLAConfig
     path = os.path.join(out, STAGE1_FILE)
     if not os.path.exists(path):
@@ -111,14 +111,7 @@ def run(preset, out: str, lengths: Sequence[int], examples: int, device: Optiona
         spla_mods = [layer.self_attn for layer in probed.model.layers]
         fid = FidelityProbe(spla_mods, configs, PROBE_TOKENS)
         floor = FloorProbe(configs, len(dense_attn), PROBE_TOKENS, preset.head_dim ** -0.5)
-        hooks = []
-        for i, attn in enumerate(dense_attn):
-            def hook(module, args, kwargs, i=i):
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                cos, sin = kwargs["position_embeddings"]
-                fid(i, module, hidden, cos, sin)
-                floor(i, module, hidden, cos, sin)
-            hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+        hooks = attach_probes(dense_attn, [fid, floor])
         rng = np.random.default_rng([12345, L])
         try:
             with torch.no_grad():

@@ -113,22 +113,9 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
 def test_triton_decode_launch_settings(monkeypatch, launch):
     """Other launch settings (a selected block split over two attention programs, several blocks merged online
     by one, narrower combine slices, other tiles, pipelined loops, the top-k split over programs; what
-    ``bench_decode.py --sweep`` times) give
-    the torch step's selection and outputs."""
-    from spla.ops.spla import decode_kernels as dk
-    for key, val in launch.items():
-        monkeypatch.setitem(dk.LAUNCH, key, val)
-    B, HQ, H, D, T, P = 2, 8, 2, 64, 150, 135
-    opts = dict(block_size=32, topk=4)
-    xs = make_inputs(B, T, HQ, H, D, seed=11, dtype=torch.float32, requires_grad=False)
-    states = [SPLADecodeState(B, H, D, **opts, backend=be) for be in ("torch", "triton")]
-    for st in states:
-        st.prefill(*(x[:, :P] for x in xs))
-    for t in range(P, T, 5):
-        ref, out = (st.step(*(x[:, t:t + 5] for x in xs)) for st in states)
-        assert torch.equal(ref.indices, out.indices)
-        for n in OUTS:
-            assert_close(n, getattr(ref, n), getattr(out, n), 1e-5)
+    ``bench_decode.py --sweep`` times) give the torch step's selection and outputs."""
+    _triton_steps_match_torch(monkeypatch, launch, (2, 8, 2, 64, 150, 135), dict(block_size=32, topk=4), seed=11,
+                              n=5)
 
 
 @pytest.mark.parametrize("launch", [dict(attn_slices_per_program=8),
@@ -136,21 +123,29 @@ def test_triton_decode_launch_settings(monkeypatch, launch):
 def test_triton_decode_merged_programs_with_empty_slots(monkeypatch, launch):
     """Attention programs that merge several selected blocks when fewer blocks exist than top-k (the -1 slots
     fall inside one program): the torch step's selection and outputs."""
+    _triton_steps_match_torch(monkeypatch, launch, (2, 4, 1, 32, 100, 40), dict(block_size=32, topk=8), seed=5,
+                              n=20, padded=True)
+
+
+def _triton_steps_match_torch(monkeypatch, launch, shape, opts, seed, n, padded=False):
+    """Prefill ``P`` tokens, then steps of ``n`` tokens up to ``T`` (``shape = (B, HQ, H, D, T, P)``) with the
+    Triton decode kernels under ``launch`` and the torch step: equal selections, outputs within 1e-5
+    (``padded``: every step has -1 slots, fewer blocks than top-k)."""
     from spla.ops.spla import decode_kernels as dk
     for key, val in launch.items():
         monkeypatch.setitem(dk.LAUNCH, key, val)
-    B, HQ, H, D, T, P = 2, 4, 1, 32, 100, 40
-    opts = dict(block_size=32, topk=8)
-    xs = make_inputs(B, T, HQ, H, D, seed=5, dtype=torch.float32, requires_grad=False)
+    B, HQ, H, D, T, P = shape
+    xs = make_inputs(B, T, HQ, H, D, seed=seed, dtype=torch.float32, requires_grad=False)
     states = [SPLADecodeState(B, H, D, **opts, backend=be) for be in ("torch", "triton")]
     for st in states:
         st.prefill(*(x[:, :P] for x in xs))
-    for t in range(P, T, 20):
-        ref, out = (st.step(*(x[:, t:t + 20] for x in xs)) for st in states)
-        assert (ref.indices < 0).any()  # fewer blocks than top-k
+    for t in range(P, T, n):
+        ref, out = (st.step(*(x[:, t:t + n] for x in xs)) for st in states)
+        if padded:
+            assert (ref.indices < 0).any()
         assert torch.equal(ref.indices, out.indices)
-        for n in OUTS:
-            assert_close(n, getattr(ref, n), getattr(out, n), 1e-5)
+        for name in OUTS:
+            assert_close(name, getattr(ref, name), getattr(out, name), 1e-5)
 
 
 def test_triton_decode_split_must_divide_block():

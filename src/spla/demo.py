@@ -151,6 +151,20 @@ class FidelityProbe:
                 for m, d in self.sums.items()}
 
 
+def attach_probes(attn_modules, probes) -> list:
+    """Call every probe as ``probe(layer, module, hidden, cos, sin)`` before each attention module's forward
+    (on its input hidden states and rotary embeddings); returns the hook handles (``.remove()`` them)."""
+    hooks = []
+    for i, attn in enumerate(attn_modules):
+        def hook(module, args, kwargs, i=i):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            for probe in probes:
+                probe(i, module, hidden, cos, sin)
+        hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+    return hooks
+
+
 # ---------------------------------------------------------------------------------------------- the demo
 def _set_attention(model, modules) -> None:
     for layer, attn in zip(model.model.layers, modules):
@@ -186,13 +200,7 @@ def run_demo(lengths: Sequence[int] = (1024, 2048, 4096), depths: int = 1, block
     t_loaded = time.time()
 
     probe = FidelityProbe(spla_attn_mods, configs, probe_tokens)
-    hooks = []
-    for i, attn in enumerate(dense_attn):
-        def hook(module, args, kwargs, i=i):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
-            probe(i, module, hidden, cos, sin)
-        hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+    hooks = attach_probes(dense_attn, [probe])
 
     rng = random.Random(seed)
     fracs = [0.5] if depths == 1 else [0.1 + 0.8 * i / (depths - 1) for i in range(depths)]
