@@ -2,7 +2,7 @@
 """Why a block-selection rule keeps or loses the needles: the associative-recall stage-1 model, no training.
 
 For each selection rule of ``recall.CONVERT_RULES`` (first / second order, with and without the representative-key
-floor, oracle) and each length, on the dense model's own activations at the last 32 positions (the 16 queries and
+floor, oracle; ``--rep-keys`` adds both orders with more representative keys) and each length, on the dense model's own activations at the last 32 positions (the 16 queries and
 their answers), per layer:
 
 - ``mass``: the share of the dense attention mass inside the blocks the rule selects;
@@ -78,9 +78,16 @@ class FloorProbe:
         return {m: [x / max(1, c) for x, c in zip(v, self.count)] for m, v in self.sums.items()}
 
 
+def rules(rep_keys: Sequence[int] = ()) -> Dict[str, Dict[str, Any]]:
+    """``recall.CONVERT_RULES`` plus ``taylor1_repN`` / ``taylor2_repN`` for every ``N`` of ``rep_keys``."""
+    extra = {f"{sel}_rep{n}": dict(selection=sel, rep_keys=n) for n in rep_keys for sel in ("taylor1", "taylor2")}
+    return {**CONVERT_RULES, **extra}
+
+
 def run(preset, out: str, lengths: Sequence[int], examples: int, device: Optional[torch.device] = None,
-        log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """The table of the module docstring for every rule and length; writes ``OUT/selection.{json,md}``.
+        log: Callable[[str], None] = print, rep_keys: Sequence[int] = ()) -> Dict[str, Any]:
+    """The table of the module docstring for every rule (``rep_keys``: more representative keys, see
+    :func:`rules`) and length; writes ``OUT/selection.{json,md}``.
 
     Raises:
         ValueError: when ``OUT`` holds no stage-1 model, or a length cannot hold the task.
@@ -99,10 +106,11 @@ def run(preset, out: str, lengths: Sequence[int], examples: int, device: Optiona
     model.load_state_dict(state["model"])
     model.to(device).eval()
     base = SPLAConfig(**variant_spla("topk_taylor2", preset.block_size, preset.topk, max(lengths)))
-    configs = {name: base.replace(**change) for name, change in CONVERT_RULES.items()}
+    ruleset = rules(rep_keys)
+    configs = {name: base.replace(**change) for name, change in ruleset.items()}
     res: Dict[str, Any] = {"preset": preset.name, "device": device_name(device), "stage1_steps": state["step"],
                            "examples": examples, "block_size": preset.block_size, "topk": preset.topk,
-                           "probe_tokens": PROBE_TOKENS, "rules": {k: dict(v) for k, v in CONVERT_RULES.items()},
+                           "probe_tokens": PROBE_TOKENS, "rules": {k: dict(v) for k, v in ruleset.items()},
                            "lengths": {}}
     for L in lengths:
         t0 = time.time()
@@ -166,6 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default: the preset's "
                    "evaluation lengths)")
     p.add_argument("--examples", type=int, default=8, help="sequences per length (default 8)")
+    p.add_argument("--rep-keys", type=int, nargs="*", default=[], help="also first and second order with this many "
+                   "representative keys (2..4; the rules' default is 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -173,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(preset.threads)
     try:
         res = run(preset, args.out, args.lengths or list(preset.eval_lengths), args.examples,
-                  torch.device(args.device) if args.device else None)
+                  torch.device(args.device) if args.device else None, rep_keys=args.rep_keys)
     except ValueError as e:
         p.error(str(e))
     print(markdown(res))

@@ -244,10 +244,11 @@ def test_recall_selection_probe_tiny(tmp_path):
     torch.save({"run": {"model": model.state_dict(), "step": 0}}, os.path.join(out, R.STAGE1_FILE))
     with pytest.raises(ValueError, match="too short"):
         S.run(preset, out, [8], 1, torch.device("cpu"), log=quiet)
-    res = S.run(preset, out, [128], 2, torch.device("cpu"), log=quiet)
+    res = S.run(preset, out, [128], 2, torch.device("cpu"), log=quiet, rep_keys=[2])
     r = res["lengths"]["128"]
-    assert set(r["probe"]) == set(R.CONVERT_RULES) and set(r["acc"]) == set(R.CONVERT_RULES) | {"dense"}
-    assert set(r["floor"]) == {"taylor1", "taylor2"}
+    names = set(R.CONVERT_RULES) | {"taylor1_rep2", "taylor2_rep2"}
+    assert set(r["probe"]) == names and set(r["acc"]) == names | {"dense"}
+    assert set(r["floor"]) == {"taylor1", "taylor2", "taylor1_rep2", "taylor2_rep2"}
     for rule, p in r["probe"].items():
         assert len(p["mass"]) == preset.layers
         assert all(0.0 < m <= 1.0 + 1e-9 for m in p["mass"]) and all(0.0 <= x <= 1.0 for x in p["recall"])
