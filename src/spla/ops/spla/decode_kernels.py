@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from spla.ops.spla.parallel import block_stats_tile, compute_dtype
+from spla.ops.spla.linear import compute_dtype
+from spla.ops.spla.parallel import block_stats_tile
 
 
 
@@ -462,8 +463,9 @@ def decode_select(state, q: torch.Tensor, tile: Optional[int] = None, chunk: Opt
 
 
 def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
-    """Split-K partials of the newest token over its selected blocks: ``LAUNCH["attn_split"]`` programs per
-    selected block (each a slice of its rows), one partial slot each."""
+    """Split-K partials of the newest token over its selected blocks: each selected block is cut into
+    ``LAUNCH["attn_split"]`` slices of its rows, and each program merges ``LAUNCH["attn_slices_per_program"]``
+    consecutive slices into one partial slot."""
     B, HQ, D = q.shape
     H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
     split, upp = LAUNCH["attn_split"], LAUNCH["attn_slices_per_program"]

@@ -195,6 +195,20 @@ def spla_fwd_kernel_linear(
         tl.store(om + (bos + o_tr) * HQ + hq_r, b_m, mask=m_r)
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def compute_dtype(dtype: torch.dtype):
+    """Dtype of the tl.dot operands: the input dtype on GPU; fp32 under the interpreter, whose bf16 math is wrong."""
+    if dtype == torch.float32 or INTERPRET:
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
 #: Launch settings of the global linear attention, read at every call (``benchmarks/bench_linear.py`` times the
 #: alternatives): the sequential state passes (``spla_fwd_kernel_linear_h``, ``spla_bwd_kernel_linear_dh``) run one
 #: program per ``state_bk`` features x ``state_bv`` value channels x (sequence, KV head), so smaller tiles mean more
@@ -242,9 +256,7 @@ def global_linear_fwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, meta:
     G = HQ // H
     NT = meta["chunk_bos"].numel()
     N = meta["seq_bos"].numel()
-    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
-    cdt = tl.float32 if (fq.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1") else (
-        tl.bfloat16 if fq.dtype == torch.bfloat16 else tl.float16)
+    prec, cdt = _dot_prec(fq.dtype), compute_dtype(fq.dtype)
     h = fq.new_empty(NT, H, F, DV, dtype=torch.float32)
     z = fq.new_empty(NT, H, F, dtype=torch.float32)
     BK = min(64, triton.next_power_of_2(F))
@@ -596,9 +608,7 @@ def global_linear_bwd(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, dg: t
     G = HQ // H
     NT = meta["chunk_bos"].numel()
     N = meta["seq_bos"].numel()
-    prec = "ieee" if fq.dtype == torch.float32 else "tf32"
-    cdt = tl.float32 if (fq.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1") else (
-        tl.bfloat16 if fq.dtype == torch.bfloat16 else tl.float16)
+    prec, cdt = _dot_prec(fq.dtype), compute_dtype(fq.dtype)
     BK = min(64, triton.next_power_of_2(F))
     BV = min(64, triton.next_power_of_2(DV))
     BKH, BVH, kw = _state_launch(F, DV)

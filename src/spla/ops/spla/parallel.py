@@ -46,10 +46,10 @@ import triton
 import triton.language as tl
 
 from spla.ops.spla.chunk import chunk_spla_select
-from spla.ops.spla.linear import feature_map_bwd, feature_map_fwd, global_linear_bwd, global_linear_fwd
+from spla.ops.spla.linear import (_dot_prec, compute_dtype, feature_map_bwd, feature_map_fwd, global_linear_bwd,
+                                  global_linear_fwd)
 from spla.ops.spla.utils import SPLAOutput
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # chunk length of the global linear attention
 LINEAR_CHUNK = 64
 # the sparse stage: "kv" (KV-block-major, each selected block loaded once per group of tokens that chose it,
@@ -611,17 +611,6 @@ def _prepare_meta(cu: Tuple[int, ...], block_size: int, tile: int, device) -> di
         _META_CACHE.clear()
     _META_CACHE[key] = meta
     return meta
-
-
-def _dot_prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def compute_dtype(dtype: torch.dtype):
-    """Dtype of the tl.dot operands: the input dtype on GPU; fp32 under the interpreter, whose bf16 math is wrong."""
-    if dtype == torch.float32 or INTERPRET:
-        return tl.float32
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
 def _topk_tile(block_size: int, G: int, rows: Optional[int] = None) -> Optional[int]:
