@@ -22,6 +22,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 import triton
+from triton.runtime.errors import OutOfResources
 
 from peers import flex_attention_fn
 from spla.ops.spla.decode import SPLADecodeState
@@ -127,13 +128,19 @@ def sweep(st, q, new, out, stages=tuple(SWEEP)):
             for cfg in settings:
                 LAUNCH.update(base)
                 LAUNCH.update(cfg)
-                fns = stage_fns(st, q, new)
+                try:
+                    fns = stage_fns(st, q, new)
+                except OutOfResources as e:  # e.g. a tile whose pipeline stages exceed shared memory
+                    print(f"#   {stage:>5} {cfg}: does not fit ({str(e).splitlines()[0]})", file=out, flush=True)
+                    continue
                 if stage == "attn":  # the split changes the combine's work too (topk x split partials): time both
                     def fn(attn=fns["attn"]):
                         return decode_combine(st, q, attn(), q.dtype, new=(kln, vn))
                 else:
                     fn = fns[stage]
                 us = graph_us(fn)
+                if us != us:  # nan: capture failed (printed)
+                    continue
                 res[stage].append((cfg, us))
                 print(f"#   {stage:>5} {cfg}: {us:.1f} us", file=out, flush=True)
     finally:
@@ -145,7 +152,7 @@ def sweep(st, q, new, out, stages=tuple(SWEEP)):
 def tune(shapes, HQ, H, D, bs, topk, dtype, dev, stages=tuple(SWEEP)):
     """--sweep: time every setting at each ``TxB`` shape, print the table, set LAUNCH to the fastest in total."""
     import sys
-    total = {}
+    total, seen = {}, {}  # per setting: time summed over the shapes, shapes where it ran
     print(f"{'T':>7} {'B':>3} {'stage':>6} {'default us':>10} {'best us':>8}  best setting")
     for shape in shapes:
         T, B = (int(x) for x in shape.lower().split("x"))
@@ -159,10 +166,11 @@ def tune(shapes, HQ, H, D, bs, topk, dtype, dev, stages=tuple(SWEEP)):
             for c, u in rs:
                 key = (stage, tuple(sorted(c.items())))
                 total[key] = total.get(key, 0.0) + u
+                seen[key] = seen.get(key, 0) + 1
         st = None
         torch.cuda.empty_cache()
     for stage in stages:
-        key = min((k for k in total if k[0] == stage), key=lambda k: total[k])
+        key = min((k for k in total if k[0] == stage and seen[k] == len(shapes)), key=lambda k: total[k])
         LAUNCH.update(dict(key[1]))
     print(f"# launch settings used below (least total time over {' '.join(shapes)}): {LAUNCH}", flush=True)
 

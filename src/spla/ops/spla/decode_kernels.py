@@ -365,19 +365,23 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 #: - ``score_tile`` candidate blocks per scoring tile, ``score_tiles_per_program`` tiles each scoring program
 #:   loops over (one partial log-sum-exp per program), ``score_stages`` software-pipelining stages of that loop;
 #: - ``topk_chunk`` blocks per top-k round, ``topk_split`` programs per (sequence, KV head) sharing the blocks
-#:   before a merge launch (written and CPU-tested, not yet timed);
+#:   before a merge launch;
 #: - ``attn_split`` slices per selected block (each ``block_size / attn_split`` rows),
 #:   ``attn_slices_per_program`` slices each attention program merges online (one partial slot per program:
 #:   the combine merges ``topk * attn_split / attn_slices_per_program``), ``attn_stages`` pipelining stages,
-#:   ``attn_lowp=1`` 16-bit matrix-unit operands for 16-bit inputs (written and CPU-tested, not yet timed);
+#:   ``attn_lowp=1`` 16-bit matrix-unit operands for 16-bit inputs (fp32 accumulation; fp32 inputs and the
+#:   interpreter keep fp32 operands);
 #: - ``combine_bv`` value channels per combine program, and each kernel's warps.
 #: The defaults are the fastest of the sweep on an H200 at 128k, batch 1 and 8 (docs/benchmarks.md):
 #: 4 tiles per scoring program, pipelined in 2 stages, took the scoring from 121-148 to 101 us at batch 8 (the
-#: step from 240 to 190 us); ``attn_split=2`` made the attention 2.7 us faster but the combine, which then merges
-#: twice the partials, 7.5 us slower; several blocks per attention program (merged online) were no faster.
-LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=2, topk_chunk=1024, topk_warps=8,
-              topk_split=1,
-              attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, attn_lowp=0, combine_bv=32,
+#: step from 240 to 190 us); the top-k split over 16 programs of 128 blocks took the top-k from 24.4 to 12.3 us
+#: at batch 1 and from 24.8 to 17.8 us at batch 8; 16-bit attention operands took attention + combine from 72.1
+#: to 62-64 us at batch 8 (the step from 190 to 177 us); ``attn_split=2`` made the attention 2.7 us faster but
+#: the combine, which then merges twice the partials, 7.5 us slower; several blocks per attention program
+#: (merged online) were no faster.
+LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=2, topk_chunk=128, topk_warps=4,
+              topk_split=16,
+              attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, attn_lowp=1, combine_bv=32,
               combine_warps=4)
 
 

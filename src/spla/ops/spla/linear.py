@@ -217,12 +217,12 @@ def compute_dtype(dtype: torch.dtype):
 #: and 64/4: 75.6 ms summed against 81.4 for 64 x 32 tiles with 2 stages). The forward's output kernel (``spla_fwd_kernel_linear``) runs one program per
 #: chunk x ``out_bv`` value channels x ``out_heads`` query heads of one KV head (they share the chunk's phi(k), v and
 #: state loads; the largest power of two dividing both it and the group), with ``out_warps`` / ``out_stages``.
-#: 4 heads, 64 channels, 8 warps: the forward at 16k, 32/8 heads took 1.02 ms against 1.70 with 1 head and 4 warps
-#: (H200). 4 heads with 32 channels and 4 warps crashed there (illegal memory access, not diagnosed): value tiles
-#: under 64 channels run one head per program.
-#: The backward's ``spla_bwd_kernel_linear_dq`` takes the same grouping (``dq_heads``, ``dq_warps``); CPU-tested,
-#: not yet timed on a GPU, so it stays at 1 head per program.
-LINEAR_LAUNCH = dict(state_bk=32, state_bv=32, state_warps=4, state_stages=3, out_heads=4, out_bv=64, out_warps=8,
+#: 4 heads, 128 channels, 8 warps: the forward at 16k-64k, heads 32/8 and 64/4, took 11.5 ms summed against 12.6
+#: with 64 channels and 31.3 with 1 head and 4 warps (H200). 4 heads with 32 channels and 4 warps crashed there
+#: (illegal memory access, not diagnosed): value tiles under 64 channels run one head per program.
+#: The backward's ``spla_bwd_kernel_linear_dq`` takes the same grouping (``dq_heads``, ``dq_warps``); on the H200
+#: 2 or 4 heads per program were 2-40% slower than 1 (52.7 ms summed for 1 head), so it stays at 1.
+LINEAR_LAUNCH = dict(state_bk=32, state_bv=32, state_warps=4, state_stages=3, out_heads=4, out_bv=128, out_warps=8,
                      out_stages=2, dq_heads=1, dq_warps=4)
 
 
