@@ -161,6 +161,21 @@ def _fmt(st: Optional[Dict[str, float]], scale: float = 1.0, digits: int = 1) ->
     return s if st["n"] == 1 else f"{s} ± {st['std'] * scale:.{digits}f} ({st['n']})"
 
 
+def paired_vs_dense(ppl: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Dict[int, Dict[str, float]]]:
+    """Per variant and length: its perplexity over ``dense``'s of the same stage-2 seed, minus 1 (the seeds'
+    data orders move every variant together, so the paired ratio separates variants that the seed spread hides)."""
+    out: Dict[str, Dict[int, Dict[str, float]]] = {}
+    for n, per_len in ppl.items():
+        if n in ("base", "dense"):
+            continue
+        for L, st in per_len.items():
+            ref = ppl.get("dense", {}).get(L, {}).get("seeds", {})
+            pairs = [v / ref[s] - 1.0 for s, v in st.get("seeds", {}).items() if s in ref]
+            if pairs:
+                out.setdefault(n, {})[L] = _stats(pairs)
+    return out
+
+
 def aggregate(layout: Layout, preset: Preset, device: torch.device) -> Dict[str, Any]:
     """Every cell in ``OUT/eval/cells`` -> ``results.json``, ``results.md`` and ``results.png``."""
     cells_dir = os.path.join(layout.eval, "cells")
@@ -177,6 +192,7 @@ def aggregate(layout: Layout, preset: Preset, device: torch.device) -> Dict[str,
             vals = [c["ppl"] for c in mine if "ppl" in c]
             if vals:
                 ppl.setdefault(n, {})[L] = _stats(vals)
+                ppl[n][L]["seeds"] = {str(c["seed"]): c["ppl"] for c in mine if "ppl" in c}
             for t in RETRIEVAL_TASKS:
                 vals = [c["acc"][t] for c in mine if "acc" in c]
                 if vals:
@@ -188,7 +204,8 @@ def aggregate(layout: Layout, preset: Preset, device: torch.device) -> Dict[str,
             runs.append({"name": n, "seed": seed, **{k: s.get(k) for k in ("steps", "tokens", "tokens_per_s",
                                                                            "seq_len", "batch", "loss", "spla")}})
     results = {"preset": preset.name, "device": device_name(device), "torch": torch.__version__,
-               "written": time.strftime("%Y-%m-%d %H:%M:%S"), "ppl": ppl, "acc": acc, "runs": runs,
+               "written": time.strftime("%Y-%m-%d %H:%M:%S"), "ppl": ppl, "ppl_vs_dense": paired_vs_dense(ppl),
+               "acc": acc, "runs": runs,
                "examples_per_task": preset.examples_per_task, "ppl_windows": preset.ppl_windows,
                "corpus": read_json(os.path.join(layout.corpus, "manifest.json")),
                "pretrain_plan": read_json(os.path.join(layout.pretrain, "plan.json")),
@@ -222,6 +239,15 @@ def markdown(results: Dict[str, Any], names: List[str], lengths: List[int]) -> s
         for n in names:
             lines.append(f"| {n} | " + " | ".join(_fmt(results["ppl"].get(n, {}).get(L), digits=2) for L in ppl_l)
                          + " |")
+    paired = results.get("ppl_vs_dense", {})
+    if paired:
+        lines += ["", "Held-out perplexity relative to `dense` of the same seed, % (mean ± std over the seeds; "
+                      "negative: lower perplexity than dense):", "",
+                  "| model | " + " | ".join(k(L) for L in ppl_l) + " |", "|---|" + "---|" * len(ppl_l)]
+        for n in names:
+            if n in paired:
+                lines.append(f"| {n} | " + " | ".join(_fmt(paired[n].get(L), scale=100.0, digits=2) for L in ppl_l)
+                             + " |")
     acc_l = [L for L in lengths if any(L in t for n in names for t in results["acc"].get(n, {}).values())]
     if acc_l:
         lines += ["", f"Retrieval accuracy, % of {results['examples_per_task']} examples per task and length "

