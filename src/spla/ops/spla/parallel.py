@@ -262,10 +262,12 @@ def spla_fwd_kernel_topk(
             b_key = (b_bits.to(tl.int64) << 32) | (BIG - o_j).to(tl.int64)[None, :]
             b_key = tl.where(m_j[None, :], b_key, -9223372036854775807 - 1)
             if MERGE:
-                # merge: the KP largest of the running top and this chunk
-                b_all = tl.reshape(tl.join(b_top, b_key), [BT, 2 * KP])
-                b_all = tl.sort(b_all, dim=1, descending=True)
-                b_top = _first_half(b_all, BT, KP)
+                # merge: the KP largest of the running top (sorted descending) and this chunk. Sorted ascending,
+                # the chunk's element-wise maximum with the top is a bitonic sequence holding exactly the KP largest
+                # of both (the first step of a bitonic merge); one bitonic merge sorts it again: log2(KP) rounds of
+                # compare-and-swap on KP keys instead of a full sort of 2 KP keys
+                b_key = tl.sort(b_key, dim=1)
+                b_top = tl.bitonic_merge(tl.maximum(b_top, b_key), dim=1, descending=True)
             else:
                 # benchmark diagnostics only (wrong selection): the cost of the scoring alone
                 b_top = tl.maximum(b_top, b_key)
