@@ -491,6 +491,8 @@ CONVERT_RULES: Dict[str, Dict[str, Any]] = {
     "taylor1_rep0": dict(selection="taylor1", rep_keys=0),
     "taylor2": {},
     "taylor2_rep0": dict(rep_keys=0),
+    "taylor2_cov_full": dict(cov="full"),
+    "taylor2_cov_full_rep0": dict(cov="full", rep_keys=0),
     "oracle": dict(selection="oracle", rep_keys=0),
 }
 

@@ -248,7 +248,7 @@ def test_recall_selection_probe_tiny(tmp_path):
     r = res["lengths"]["128"]
     names = set(R.CONVERT_RULES) | {"taylor1_rep2", "taylor2_rep2"}
     assert set(r["probe"]) == names and set(r["acc"]) == names | {"dense"}
-    assert set(r["floor"]) == {"taylor1", "taylor2", "taylor1_rep2", "taylor2_rep2"}
+    assert set(r["floor"]) == {"taylor1", "taylor2", "taylor2_cov_full", "taylor1_rep2", "taylor2_rep2"}
     for rule, p in r["probe"].items():
         assert len(p["mass"]) == preset.layers
         assert all(0.0 < m <= 1.0 + 1e-9 for m in p["mass"]) and all(0.0 <= x <= 1.0 for x in p["recall"])
