@@ -57,6 +57,28 @@ def test_parallel_vs_torch(T, HQ, H, D, Dv, fmap, rep, sel, bs, topk, sink, loca
     assert (ref.rla_mass != 0).any()
 
 
+@pytest.mark.parametrize("chunk,HQ,H,rep,sel,cu", [(32, 1, 1, 1, "taylor2", None), (64, 3, 1, 2, "taylor2", None),
+                                                     (32, 8, 1, 0, "taylor1", (0, 300, 301, 1000)),
+                                                     (16, 3, 1, 1, "taylor2", (0, 500, 1000))])
+def test_select_chunk_widths(chunk, HQ, H, rep, sel, cu, monkeypatch):
+    """The selection kernel scoring ``chunk`` candidate blocks per loop step (``TOPK_CHUNK``; a top-k of the chunk,
+    then one bitonic merge into the running top) selects the torch backend's blocks: 1000 tokens in blocks of 16
+    (up to 60 candidates, several merges per token), G = 1, 3 and 8, packed sequences."""
+    import spla.ops.spla.parallel as P
+    from spla.ops.spla.chunk import chunk_spla_select
+    monkeypatch.setattr(P, "TOPK_CHUNK", chunk)
+    q, k = _inputs(1, 1000, HQ, H, 64, seed=chunk + HQ)[:2]
+    opts = dict(block_size=16, topk=5, sink_blocks=1, local_blocks=1, selection=sel, cov="diag", rep_keys=rep,
+                scale=64 ** -0.5)
+    cu_t = None if cu is None else torch.tensor(cu, device=q.device)
+    meta = P._prepare_meta(cu or (0, 1000), 16, P._topk_tile(16, HQ // H), q.device)
+    stats = P.block_stats_fwd(k[0], meta, 16, rep, sel == "taylor2")
+    got = P.select_fwd(q[0], stats, meta, H=H, block_size=16, tile=P._topk_tile(16, HQ // H), topk=5,
+                       sink_blocks=1, local_blocks=1, selection=sel, rep_keys=rep, scale=64 ** -0.5)
+    ref = chunk_spla_select(q, k, cu_seqlens=cu_t, **opts)[0]
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("path", ["token", "kv-chunked"])
 def test_parallel_sparse_paths(path, monkeypatch):
     """Both sparse stages (token-major; KV-major with its partials split over several token chunks)."""

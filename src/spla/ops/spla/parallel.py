@@ -61,6 +61,10 @@ SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
 DENSE_FAST_PATH = True
 # rows (query tokens x padded group heads) of one scoring tile (64 beat 128 by 7-10% on an H200 at 64k)
 TOPK_ROWS = 64
+# candidate blocks scored per loop step of the selection (at least the padded top-k): wider chunks make wider
+# tl.dot tiles and fewer merges, each a top-k of the chunk then one bitonic merge. Written and CPU-tested; 16 (the
+# padded top-k at top-16) is the timed default until a GPU run compares 32 and 64
+TOPK_CHUNK = 16
 
 
 @triton.jit
@@ -162,6 +166,7 @@ def spla_fwd_kernel_topk(
     BD: tl.constexpr,
     BT: tl.constexpr,
     KP: tl.constexpr,
+    KC: tl.constexpr,
     R: tl.constexpr,
     RP: tl.constexpr,
     TOPK: tl.constexpr,
@@ -190,6 +195,7 @@ def spla_fwd_kernel_topk(
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < L
     o_k = tl.arange(0, KP)
+    o_c = tl.arange(0, KC)
     BIG = 2147483647
     if hi - lo > n_free:
         # rows: token-major, group-head-minor [BT*GP]
@@ -204,16 +210,16 @@ def spla_fwd_kernel_topk(
         b_q2 = (b_q * b_q).to(CDT)
         b_q = b_q.to(CDT)
         o_g = tl.arange(0, GP)
-        o_kr = tl.arange(0, KP * RP)
+        o_kr = tl.arange(0, KC * RP)
         m_r = (o_kr % RP) < R
-        b_var = tl.zeros([KP, BD], dtype=CDT)
-        b_rep = tl.zeros([KP * RP, BD], dtype=CDT)
+        b_var = tl.zeros([KC, BD], dtype=CDT)
+        b_rep = tl.zeros([KC * RP, BD], dtype=CDT)
         if G > 1:
             # pass 1: per-head log-sum-exp over the candidates, online
             b_m = tl.full([BT, GP], float('-inf'), dtype=tl.float32)
             b_l = tl.zeros([BT, GP], dtype=tl.float32)
-            for j0 in range(lo, hi, KP):
-                o_j = j0 + o_k
+            for j0 in range(lo, hi, KC):
+                o_j = j0 + o_c
                 m_j = o_j < hi
                 p_j = (boff + o_j) * H + i_h
                 # [KP, BD]
@@ -228,16 +234,16 @@ def spla_fwd_kernel_topk(
                     b_rep = tl.load(reps + (p_r[:, None] * R + o_kr[:, None] % RP) * D + o_d[None, :],
                                     mask=m_rr[:, None] & m_d[None, :], other=0.).to(CDT)
                 # [BT, GP, KP]
-                b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KP, RP, R, TAYLOR2, DOT_PREC)
+                b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KC, RP, R, TAYLOR2, DOT_PREC)
                 b_s = tl.where(m_j[None, None, :], b_s, float('-inf'))
                 b_mn = tl.maximum(b_m, tl.max(b_s, 2))
                 b_l = b_l * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn[:, :, None]), 2)
                 b_m = b_mn
             b_lse = b_m + tl.log(b_l)
-        # pass 2: group scores and the online top-k of packed (score, block) keys
+        # pass 2: group scores and the online top-k of packed (score, block) keys, kept sorted ascending
         b_top = tl.full([BT, KP], -9223372036854775807 - 1, dtype=tl.int64)
-        for j0 in range(lo, hi, KP):
-            o_j = j0 + o_k
+        for j0 in range(lo, hi, KC):
+            o_j = j0 + o_c
             m_j = o_j < hi
             p_j = (boff + o_j) * H + i_h
             m_jd = m_j[:, None] & m_d[None, :]
@@ -249,10 +255,10 @@ def spla_fwd_kernel_topk(
                 m_rr = m_r & ((j0 + o_kr // RP) < hi)
                 b_rep = tl.load(reps + (p_r[:, None] * R + o_kr[:, None] % RP) * D + o_d[None, :],
                                 mask=m_rr[:, None] & m_d[None, :], other=0.).to(CDT)
-            b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KP, RP, R, TAYLOR2, DOT_PREC)
+            b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KC, RP, R, TAYLOR2, DOT_PREC)
             if G > 1:
                 b_p = tl.where((o_g < G)[None, :, None], tl.exp(b_s - b_lse[:, :, None]), 0.)
-                # [BT, KP]
+                # [BT, KC]
                 b_p = tl.sum(b_p, 1)
             else:
                 # one head: the softmax is monotone, rank the log scores themselves
@@ -262,16 +268,17 @@ def spla_fwd_kernel_topk(
             b_key = (b_bits.to(tl.int64) << 32) | (BIG - o_j).to(tl.int64)[None, :]
             b_key = tl.where(m_j[None, :], b_key, -9223372036854775807 - 1)
             if MERGE:
-                # merge: the KP largest of the running top (sorted descending) and this chunk. Sorted ascending,
-                # the chunk's element-wise maximum with the top is a bitonic sequence holding exactly the KP largest
-                # of both (the first step of a bitonic merge); one bitonic merge sorts it again: log2(KP) rounds of
-                # compare-and-swap on KP keys instead of a full sort of 2 KP keys
-                b_key = tl.sort(b_key, dim=1)
-                b_top = tl.bitonic_merge(tl.maximum(b_top, b_key), dim=1, descending=True)
+                # merge: the KP largest of the running top (sorted ascending) and this chunk. The chunk's KP
+                # largest, sorted descending, element-wise maximum with the top is a bitonic sequence holding
+                # exactly the KP largest of both (the first step of a bitonic merge); one bitonic merge sorts it
+                # again: log2(KP) rounds of compare-and-swap on KP keys instead of a full sort of 2 KP keys
+                b_ck = tl.topk(b_key, KP, dim=1)
+                b_top = tl.bitonic_merge(tl.maximum(b_top, b_ck), dim=1, descending=False)
             else:
                 # benchmark diagnostics only (wrong selection): the cost of the scoring alone
-                b_top = tl.maximum(b_top, b_key)
-        m_c = (b_top != (-9223372036854775807 - 1)) & (o_k[None, :] < n_free)
+                b_top = tl.maximum(b_top, tl.max(b_key, 1)[:, None])
+        # the n_free largest are the last n_free keys
+        m_c = (b_top != (-9223372036854775807 - 1)) & (o_k[None, :] >= KP - n_free)
         b_c = tl.where(m_c, BIG - (b_top & 0xFFFFFFFF), BIG)
     else:
         # every candidate is selected
@@ -639,12 +646,14 @@ def block_stats_fwd(k: torch.Tensor, meta: dict, block_size: int, rep_keys: int,
 
 def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, tile: int, topk: int,
                sink_blocks: int, local_blocks: int, selection: str, rep_keys: int, scale: float,
-               merge: bool = True) -> torch.Tensor:
+               merge: bool = True, chunk: Optional[int] = None) -> torch.Tensor:
     """Selected block ids of packed `[T, HQ, D]` queries, `[T, H, topk]` int32, ascending, -1 padded.
 
+    ``chunk``: candidate blocks scored per loop step (default :data:`TOPK_CHUNK`, at least the padded top-k).
     ``merge=False`` skips the top-k merge (benchmark diagnostics only: the indices are then wrong).
     """
     T, HQ, D = q.shape
+    KP = max(16, triton.next_power_of_2(topk))
     G = HQ // H
     GP = triton.next_power_of_2(G)
     mean, var, reps = stats
@@ -654,7 +663,7 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
         q, mean, var, reps, indices, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], meta["tile_boff"],
         scale, 0.5 * scale * scale, math.log(block_size),
         HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), BT=tile,
-        KP=max(16, triton.next_power_of_2(topk)), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
+        KP=KP, KC=max(KP, triton.next_power_of_2(chunk or TOPK_CHUNK)), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
         TOPK=topk, SINK=sink_blocks, LOCAL=local_blocks, BS=block_size, TAYLOR2=selection == "taylor2",
         DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge, num_warps=8 if tile * GP >= 128 else 4,
         num_stages=2)
