@@ -70,6 +70,10 @@ def count(T, HQ, H, D, Dv, Fd, indices):
     return dict(sparse_attn=sparse_attn, sparse_lin=sparse_lin, select=select, glob=glob, bytes=bytes_min)
 
 
+#: scoring-chunk widths timed beside the default (``select_fwd(chunk=...)``)
+SELECT_CHUNKS = (32, 64)
+
+
 def run_one(T, HQ, H, D, peak, bw, rows):
     torch.manual_seed(0)
     dt = torch.bfloat16
@@ -98,9 +102,9 @@ def run_one(T, HQ, H, D, peak, bw, rows):
         rec["linear_ms"] = bench(lambda: global_linear_fwd(feature_map_fwd(qf, "softmax2", dt),
                                                            feature_map_fwd(kf, "softmax2", dt), vf, meta, LINEAR_CHUNK))
         rec["select_nomerge_ms"] = bench(lambda: select_fwd(qf, stats, meta, merge=False, **sel))
-        tile64 = _topk_tile(BS, G, rows=64)
-        meta64 = _prepare_meta((0, T), BS, tile64, q.device)
-        rec["select_r64_ms"] = bench(lambda: select_fwd(qf, stats, meta64, **dict(sel, tile=tile64)))
+        for c in SELECT_CHUNKS:  # wider scoring chunks (parallel.TOPK_CHUNK): time, and the same selection?
+            rec[f"select_c{c}_ms"] = bench(lambda c=c: select_fwd(qf, stats, meta, chunk=c, **sel))
+            rec[f"select_c{c}_same"] = bool(torch.equal(select_fwd(qf, stats, meta, chunk=c, **sel), idx))
         sp = dict(block_size=BS, scale=scale)
         path = "token" if G >= 8 else "kv"
         main_fn, alt_fn = (sparse_fwd, sparse_kv_fwd) if path == "token" else (sparse_kv_fwd, sparse_fwd)
@@ -156,7 +160,8 @@ def run_one(T, HQ, H, D, peak, bw, rows):
 
 
 COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
-        "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms", "select_r64_ms",
+        "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms",
+        *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "same")),
         "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "dense_kernels_ms"]
 
 
