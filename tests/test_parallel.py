@@ -71,9 +71,10 @@ def test_select_chunk_widths(chunk, HQ, H, rep, sel, cu, monkeypatch):
     opts = dict(block_size=16, topk=5, sink_blocks=1, local_blocks=1, selection=sel, cov="diag", rep_keys=rep,
                 scale=64 ** -0.5)
     cu_t = None if cu is None else torch.tensor(cu, device=q.device)
-    meta = P._prepare_meta(cu or (0, 1000), 16, P._topk_tile(16, HQ // H), q.device)
+    tile = P._topk_tile(16, HQ // H)
+    meta = P._prepare_meta(cu or (0, 1000), 16, tile, q.device)
     stats = P.block_stats_fwd(k[0], meta, 16, rep, sel == "taylor2")
-    got = P.select_fwd(q[0], stats, meta, H=H, block_size=16, tile=P._topk_tile(16, HQ // H), topk=5,
+    got = P.select_fwd(q[0], stats, meta, H=H, block_size=16, tile=tile, topk=5,
                        sink_blocks=1, local_blocks=1, selection=sel, rep_keys=rep, scale=64 ** -0.5)
     ref = chunk_spla_select(q, k, cu_seqlens=cu_t, **opts)[0]
     assert torch.equal(got, ref)

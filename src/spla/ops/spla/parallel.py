@@ -222,7 +222,7 @@ def spla_fwd_kernel_topk(
                 o_j = j0 + o_c
                 m_j = o_j < hi
                 p_j = (boff + o_j) * H + i_h
-                # [KP, BD]
+                # [KC, BD]
                 m_jd = m_j[:, None] & m_d[None, :]
                 b_mean = tl.load(mean + p_j[:, None] * D + o_d[None, :], mask=m_jd, other=0.).to(CDT)
                 if TAYLOR2:
@@ -233,7 +233,7 @@ def spla_fwd_kernel_topk(
                     # [KP*RP, BD]
                     b_rep = tl.load(reps + (p_r[:, None] * R + o_kr[:, None] % RP) * D + o_d[None, :],
                                     mask=m_rr[:, None] & m_d[None, :], other=0.).to(CDT)
-                # [BT, GP, KP]
+                # [BT, GP, KC]
                 b_s = _score(b_q, b_q2, b_mean, b_var, b_rep, m_r, c1, c2, log_bs, BT, GP, KC, RP, R, TAYLOR2, DOT_PREC)
                 b_s = tl.where(m_j[None, None, :], b_s, float('-inf'))
                 b_mn = tl.maximum(b_m, tl.max(b_s, 2))
