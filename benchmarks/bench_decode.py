@@ -11,7 +11,8 @@ contiguous [B, H, T, D] copy of the cache, FlexAttention decoding (torch.compile
 the whole SPLA step (scoring, which also writes the new token to the caches; top-k; split-K attention;
 combine, which also adds the token to the linear state: four kernels, replayed as a CUDA graph; the graph
 also restores ``lengths`` so every replay decodes position T) with the block statistics stored in fp32 and in
-bf16, and its stages alone (graphs of scoring / top-k / split-K attention / combine). Bytes each step must
+bf16 (the default of a bf16 cache; the sweep runs with it), and its stages alone (graphs of scoring / top-k /
+split-K attention / combine, fp32 statistics). Bytes each step must
 move are counted: SPLA reads the block statistics, the selected K/V/k_lin blocks and the linear state (read
 and written back by the combine); dense reads all of K and V. Achieved bandwidth = counted bytes / time.
 """
@@ -223,7 +224,7 @@ def main():
             row = dict(T=T, B=B)
             q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
             kn, vn, kln = (torch.randn(B, H, D, device=dev, dtype=dtype) for _ in range(3))
-            for tag, sdt in (("fp32", None), ("bf16", torch.bfloat16)):
+            for tag, sdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # bf16: the default of a bf16 cache
                 try:
                     st = fill_state(B, T, HQ, H, D, bs, topk, dtype, dev, stats_dtype=sdt)
                 except torch.cuda.OutOfMemoryError:

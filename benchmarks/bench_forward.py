@@ -2,6 +2,7 @@
 """Forward benchmark of SPLA's Triton backend beside torch SDPA (flash), FlexAttention and fla's ``parallel_nsa``.
 
     python benchmarks/bench_forward.py [--T 4096 8192 ...] [--heads 32,8 64,4] [--out DIR]
+    python benchmarks/bench_forward.py --sweep-sparse --T 65536   # the sparse stage's launch settings only
 
 B=1, bf16, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key, softmax2), random data,
 ``triton.testing.do_bench`` medians. Per stage: block statistics, selection (scoring + top-k), global linear
@@ -71,7 +72,7 @@ def count(T, HQ, H, D, Dv, Fd, indices):
 
 
 #: scoring-chunk widths timed beside the default (``select_fwd(chunk=...)``)
-SELECT_CHUNKS = (32, 64)
+SELECT_CHUNKS = (16, 32, 64)
 
 
 def run_one(T, HQ, H, D, peak, bw, rows):
@@ -102,9 +103,12 @@ def run_one(T, HQ, H, D, peak, bw, rows):
         rec["linear_ms"] = bench(lambda: global_linear_fwd(feature_map_fwd(qf, "softmax2", dt),
                                                            feature_map_fwd(kf, "softmax2", dt), vf, meta, LINEAR_CHUNK))
         rec["select_nomerge_ms"] = bench(lambda: select_fwd(qf, stats, meta, merge=False, **sel))
-        for c in SELECT_CHUNKS:  # wider scoring chunks (parallel.TOPK_CHUNK): time, and the same selection?
+        for c in SELECT_CHUNKS:  # wider scoring chunks (parallel.TOPK_CHUNK): time, and how many (token, KV head)
+            # rows select other blocks (near-equal scores may order differently when the dot tile changes)
             rec[f"select_c{c}_ms"] = bench(lambda c=c: select_fwd(qf, stats, meta, chunk=c, **sel))
-            rec[f"select_c{c}_same"] = bool(torch.equal(select_fwd(qf, stats, meta, chunk=c, **sel), idx))
+            other = select_fwd(qf, stats, meta, chunk=c, **sel)
+            rec[f"select_c{c}_rows_diff"] = (other != idx).any(-1).float().mean().item()
+            rec[f"select_c{c}_slots_diff"] = (other != idx).float().mean().item()
         sp = dict(block_size=BS, scale=scale)
         path = "token" if G >= 8 else "kv"
         main_fn, alt_fn = (sparse_fwd, sparse_kv_fwd) if path == "token" else (sparse_kv_fwd, sparse_fwd)
@@ -161,12 +165,67 @@ def run_one(T, HQ, H, D, peak, bw, rows):
 
 COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
         "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms",
-        *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "same")),
+        *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "rows_diff", "slots_diff")),
         "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "dense_kernels_ms"]
+
+
+#: launch settings timed by --sweep-sparse (parallel.SPARSE_LAUNCH holds the defaults)
+#: (a first sweep on an H200 at 64k also tried 32 rows, 3 stages and the token path with 8 warps or 1 / 3 stages:
+#: none beat the defaults; docs/benchmarks.md). ``lin_atomic``: the KV-major path's deterministic=False
+SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, True) for r in (64, 128)
+                       for w in (4, 8)],
+                "token": [dict(num_warps=4, num_stages=2)]}
+
+
+def sweep_sparse(T, HQ, H, D):
+    """Time both sparse stages (KV-major, token-major) under each setting of SPARSE_SWEEP; returns rows."""
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(T, n, D, device="cuda", dtype=dt) for n in (HQ, H, H))
+    G, scale = HQ // H, D ** -0.5
+    tile = _topk_tile(BS, G)
+    meta = _prepare_meta((0, T), BS, tile, q.device)
+    out = []
+    with torch.no_grad():
+        stats = block_stats_fwd(k, meta, BS, R, True)
+        idx = select_fwd(q, stats, meta, H=H, block_size=BS, tile=tile, topk=TOPK, sink_blocks=SINK,
+                         local_blocks=LOCAL, selection="taylor2", rep_keys=R, scale=scale)
+        fq, fk = feature_map_fwd(q, "softmax2", dt), feature_map_fwd(k, "softmax2", dt)
+        glob, gm = global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK)
+        ref = None
+        for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd)):
+            for st in SPARSE_SWEEP[path]:
+                st = dict(st)
+                atomic = st.pop("lin_atomic", False)
+                if path == "kv":
+                    st["deterministic"] = not atomic
+                run = lambda: fn(q, k, v, fq, fk, glob.clone(), gm.clone(), idx, meta, block_size=BS, scale=scale, **st)
+                try:
+                    o = run()[1]  # o_rla: the residual, where the selected linear terms land
+                    ms = bench(run, rep=50)
+                except triton.runtime.errors.OutOfResources as e:  # a setting the GPU cannot hold
+                    print(f"T={T} HQ={HQ} H={H} {path} {st}: does not fit ({e})", flush=True)
+                    continue
+                finally:
+                    st.pop("deterministic", None)
+                    st["lin_atomic"] = atomic if path == "kv" else ""
+                ref = o if ref is None else ref
+                err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+                out.append(dict(T=T, HQ=HQ, H=H, path=path, **st, ms=ms, rel_err_vs_first=err))
+                print(" ".join(f"{n}={x:.4g}" if isinstance(x, float) else f"{n}={x}" for n, x in out[-1].items()),
+                      flush=True)
+        # the clone of glob / glob_mass (the KV-major path subtracts in place) is inside every timing: time it alone
+        out.append(dict(T=T, HQ=HQ, H=H, path="clone_only", ms=bench(lambda: (glob.clone(), gm.clone()), rep=50)))
+        print(out[-1], flush=True)
+    del q, k, v, fq, fk, glob, gm
+    torch.cuda.empty_cache()
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep-sparse", action="store_true",
+                    help="only time the sparse stage's launch settings (SPARSE_SWEEP) at the given T and heads")
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--heads", type=str, nargs="+", default=["32,8", "64,4"])
     ap.add_argument("--out", type=str, default=os.environ.get("OUT", "."))
@@ -176,6 +235,21 @@ def main():
     print(f"# {name}: bf16 matmul {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s; torch {torch.__version__}, "
           f"triton {triton.__version__}", flush=True)
     rows = []
+    if args.sweep_sparse:
+        for hs in args.heads:
+            HQ, H = map(int, hs.split(","))
+            for T in args.T:
+                rows += sweep_sparse(T, HQ, H, 128)
+        lines = [f"GPU: {name}", "", "| T | HQ/H | path | rows | warps | stages | lin atomic | ms | o_rla rel. err vs first |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['HQ']}/{r['H']} | {r['path']} | {r.get('rows', '')} | {r.get('num_warps', '')} | "
+                  f"{r.get('num_stages', '')} | {r.get('lin_atomic', '')} | {r['ms']:.2f} | "
+                  f"{r.get('rel_err_vs_first', 0):.1e} |" for r in rows]
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "sweep_sparse.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     for hs in args.heads:
         HQ, H = map(int, hs.split(","))
         for T in args.T:

@@ -202,23 +202,28 @@ def test_triton_decode_many_tiles(monkeypatch, stats_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,ratio,par_agree,lowp", [(torch.float32, 5e-3, 0.9, 0), (torch.bfloat16, 2e-2, 0.5, 0),
-                                                        (torch.bfloat16, 2e-2, 0.5, 1)])
-def test_triton_decode_on_gpu(dtype, ratio, par_agree, lowp, monkeypatch):
+@pytest.mark.parametrize("dtype,ratio,par_agree,lowp,stats_dtype", [
+    (torch.float32, 5e-3, 0.9, 0, None), (torch.bfloat16, 2e-2, 0.5, 0, None), (torch.bfloat16, 2e-2, 0.5, 1, None),
+    (torch.bfloat16, 2e-2, 0.75, 1, torch.bfloat16)])
+def test_triton_decode_on_gpu(dtype, ratio, par_agree, lowp, stats_dtype, monkeypatch):
     """On CUDA at 8k context: the Triton step matches the torch step and spla_attn at the same positions
-    (``lowp``: the attention kernel with 16-bit matrix-unit operands, ``LAUNCH["attn_lowp"]``).
+    (``lowp``: the attention kernel with 16-bit matrix-unit operands, ``LAUNCH["attn_lowp"]``; bf16 statistics:
+    the scoring kernel takes bf16 q and statistics as dot operands, ``_lowp_scores``).
 
     Both decode paths score in fp32 from the same fp32 statistics, so their selections must agree at almost
     every step. The parallel op scores bf16 inputs with bf16 dot operands (fp32 accumulation), which moves
     near-tied blocks: on an H100 the two comparisons together agreed at 115 of 140 bf16 steps, hence the
     looser bound for the parallel comparison in bf16. Outputs are compared wherever the selections agree.
+    Statistics stored in bf16 are rounded by each path from its own fp32 sums, a few one ulp apart, so there the
+    decode paths must agree at 3 of 4 steps (as on the CPU, ``test_triton_decode_many_tiles``).
     """
     from spla.ops.spla import decode_kernels as dk
     monkeypatch.setitem(dk.LAUNCH, "attn_lowp", lowp)
     B, HQ, H, D, P, n = 2, 32, 8, 128, 8192, 70
     xs = [x.cuda() for x in make_inputs(B, P + n, HQ, H, D, seed=1, dtype=dtype, requires_grad=False)]
     opts = dict(block_size=64, topk=16)
-    states = [SPLADecodeState(B, H, D, **opts, dtype=dtype, device="cuda", backend=be) for be in ("torch", "triton")]
+    states = [SPLADecodeState(B, H, D, **opts, dtype=dtype, device="cuda", backend=be, stats_dtype=stats_dtype)
+              for be in ("torch", "triton")]
     for st in states:
         st.prefill(*(x[:, :P] for x in xs))
     full = spla_attn(*xs, **opts)  # the parallel op on the whole sequence
@@ -231,5 +236,7 @@ def test_triton_decode_on_gpu(dtype, ratio, par_agree, lowp, monkeypatch):
             agree[key] += int(same.all())
             for name in OUTS:
                 assert_close(name, getattr(r, name)[same].float(), getattr(out, name)[same].float(), ratio)
-    assert agree["decode"] >= 0.9 * n, agree
+    print(f"agreement over {n} steps ({dtype}, lowp={lowp}, stats {stats_dtype}): {agree}")
+    assert agree["decode"] >= (0.9 if stats_dtype is None else 0.75) * n, agree
+    assert dk._lowp_scores(xs[0][:, 0], states[1].mean) == (stats_dtype is torch.bfloat16), "scoring operands"
     assert agree["parallel"] >= par_agree * n, agree

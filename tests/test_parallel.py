@@ -80,14 +80,16 @@ def test_select_chunk_widths(chunk, HQ, H, rep, sel, cu, monkeypatch):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("path", ["token", "kv-chunked"])
+@pytest.mark.parametrize("path", ["token", "kv-chunked", "kv-atomic"])
 def test_parallel_sparse_paths(path, monkeypatch):
-    """Both sparse stages (token-major; KV-major with its partials split over several token chunks)."""
+    """Both sparse stages (token-major; KV-major with its partials split over several token chunks, its selected
+    linear terms as fp32 partials summed by the merge, or with ``DETERMINISTIC`` off fp32 atomics)."""
     import spla.ops.spla.parallel as P
     if path == "token":
         monkeypatch.setattr(P, "SPARSE_PATH", "token")
     else:
         monkeypatch.setattr(P, "SPARSE_PATH", "kv")
+        monkeypatch.setattr(P, "DETERMINISTIC", path != "kv-atomic")
         monkeypatch.setattr(P, "PARTIAL_BUDGET", 40 * 1 * 4 * 3 * 48)  # H * topk * G * Dv per token: 40 tokens a chunk
     inputs = _inputs(1, 113, 3, 1, 64, Dv=48, seed=23)
     opts = dict(block_size=16, topk=4, rep_keys=1, feature_map="relu2")
@@ -253,11 +255,20 @@ def _triton_fp32_on_indices(q, k, v, indices, block_size):
 
 @pytest.mark.gpu
 def test_gpu_sparse_paths_agree(monkeypatch):
-    """bf16 at T=8k, GQA 4: the token-major and the KV-major sparse stages give the same outputs."""
+    """bf16 at T=8k, GQA 4: the token-major and the KV-major sparse stages give the same outputs; the KV-major
+    stage is deterministic (its selected linear terms are summed by the merge, not by atomics) and agrees with
+    its atomic variant (``deterministic=False``)."""
     import spla.ops.spla.parallel as P
     q, k, v = _inputs(1, 8192, 32, 8, 128, seed=6, dtype=torch.bfloat16)
     monkeypatch.setattr(P, "SPARSE_PATH", "kv")
     kv = spla_attn(q, k, v, backend="triton")
+    again = spla_attn(q, k, v, backend="triton")
+    for n in OUTS:
+        assert torch.equal(getattr(kv, n), getattr(again, n)), n
+    monkeypatch.setattr(P, "DETERMINISTIC", False)
+    atomic = spla_attn(q, k, v, backend="triton")
+    for n in OUTS:
+        assert_close(n, getattr(atomic, n).float(), getattr(kv, n).float(), 1e-2)
     monkeypatch.setattr(P, "SPARSE_PATH", "token")
     tok = spla_attn(q, k, v, backend="triton")
     assert torch.equal(kv.indices, tok.indices)

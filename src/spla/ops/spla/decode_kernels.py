@@ -84,10 +84,11 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
                                  DL: tl.constexpr, BDL: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
                                  BSP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr,
                                  BJ: tl.constexpr, APPEND: tl.constexpr, TPP: tl.constexpr = 1,
-                                 NSTAGES: tl.constexpr = 1):
+                                 NSTAGES: tl.constexpr = 1, LOWP: tl.constexpr = False):
     """``TPP`` consecutive tiles of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and one
     partial log-sum-exp over them (online across the tiles; ``NSTAGES`` > 1 software-pipelines the tiles' loads).
-    With ``APPEND`` the program-0 also writes the newest token to the caches (``_write_token``)."""
+    With ``APPEND`` the program-0 also writes the newest token to the caches (``_write_token``). ``LOWP``: q and
+    the statistics are bf16 and enter the dots as they are (``_lowp_scores``), else fp32 with tf32x3 dots."""
     i_p = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -102,21 +103,41 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
     if (j0 < hi) & (j0 + TPP * BJ > SINK):
         o_d = tl.arange(0, BD)
         m_d = o_d < D
-        b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.)
+        if LOWP:
+            # q and the statistics are bf16: the matrix units take them as they are (fp32 accumulation), and q*q
+            # rounded to bf16, the operands of the parallel op's bf16 scoring (spla_fwd_kernel_topk)
+            b_q2 = (b_q.to(tl.float32) * b_q.to(tl.float32)).to(b_q.dtype)
+        else:
+            b_q = b_q.to(tl.float32)
+            b_q2 = b_q * b_q
         for u in tl.range(0, TPP, num_stages=NSTAGES):
             o_j = j0 + u * BJ + tl.arange(0, BJ)
             m_j = (o_j >= SINK) & (o_j < hi)
             base = ((i_b * NB_cap + o_j) * H + i_h) * D  # [BJ]
             m_jd = m_j[:, None] & m_d[None, :]
-            b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-            b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="tf32x3") * scale  # [BG, BJ]
+            if LOWP:
+                b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.)
+                b_l = tl.dot(b_q, tl.trans(b_mean)) * scale  # [BG, BJ]
+            else:
+                b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+                b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="tf32x3") * scale  # [BG, BJ]
             if TAYLOR2:
-                b_var = tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-                b_l += 0.5 * scale * scale * tl.dot(b_q * b_q, tl.trans(b_var), input_precision="tf32x3")
+                if LOWP:
+                    b_var = tl.trans(tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.))
+                    b_l += 0.5 * scale * scale * tl.dot(b_q2, b_var)
+                else:
+                    b_var = tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+                    b_l += 0.5 * scale * scale * tl.dot(b_q2, tl.trans(b_var), input_precision="tf32x3")
             for r in tl.static_range(R):
                 rbase = (((i_b * NB_cap + o_j) * H + i_h) * R + r) * D
-                b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-                b_l = tl.maximum(b_l, tl.dot(b_q, tl.trans(b_rep), input_precision="tf32x3") * scale - log_bs)
+                if LOWP:
+                    b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.)
+                    b_r = tl.dot(b_q, tl.trans(b_rep))
+                else:
+                    b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
+                    b_r = tl.dot(b_q, tl.trans(b_rep), input_precision="tf32x3")
+                b_l = tl.maximum(b_l, b_r * scale - log_bs)
             # padded heads get a finite 0 (never stored), non-candidates -inf
             b_l = tl.where(m_g[:, None], b_l, 0.)
             b_l = tl.where(m_j[None, :], b_l, float("-inf"))
@@ -418,8 +439,15 @@ def decode_score(state, q: torch.Tensor, tile: Optional[int] = None, new=None):
         state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl),
         R=R, BS=bs, BSP=_p2(bs), SINK=state.sink_blocks, LOCAL=state.local_blocks,
         TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None, TPP=tpp,
-        NSTAGES=LAUNCH["score_stages"], num_warps=LAUNCH["score_warps"])
+        NSTAGES=LAUNCH["score_stages"], LOWP=_lowp_scores(q, state.mean), num_warps=LAUNCH["score_warps"])
     return lbuf, p_m, p_s
+
+
+def _lowp_scores(q: torch.Tensor, stats: torch.Tensor) -> bool:
+    """Score with bf16 dot operands when q and the statistics are both bf16 (a bf16 model with
+    ``stats_dtype=torch.bfloat16``): the operands the parallel op scores a bf16 model with (its fp32 statistics
+    rounded to bf16 on load, q*q rounded to bf16). The interpreter's bf16 dots are wrong, so never on the CPU."""
+    return q.dtype == stats.dtype == torch.bfloat16 and q.is_cuda
 
 
 def decode_topk(state, lbuf: torch.Tensor, p_m: torch.Tensor, p_s: torch.Tensor,

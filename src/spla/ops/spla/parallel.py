@@ -36,6 +36,7 @@ kernels (``linear.py``) that recompute the chunk states.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Dict, Optional, Tuple
@@ -62,9 +63,11 @@ DENSE_FAST_PATH = True
 # rows (query tokens x padded group heads) of one scoring tile (64 beat 128 by 7-10% on an H200 at 64k)
 TOPK_ROWS = 64
 # candidate blocks scored per loop step of the selection (at least the padded top-k): wider chunks make wider
-# tl.dot tiles and fewer merges, each a top-k of the chunk then one bitonic merge. Written and CPU-tested; 16 (the
-# padded top-k at top-16) is the timed default until a GPU run compares 32 and 64
-TOPK_CHUNK = 16
+# tl.dot tiles and fewer merges, each a top-k of the chunk then one bitonic merge. None: 32 for groups of 16 or
+# more query heads per KV head, else 16 (H200, 64k, top-16: 32 took HQ=64/H=4 from 28.9 to 26.3 ms, and HQ=32/H=8
+# from 15.4 to 16.4 ms; 64 was slower for both; the selections differed in 2-4e-5 of the rows, near-tied scores
+# summed in another order)
+TOPK_CHUNK: Optional[int] = None
 
 
 @triton.jit
@@ -426,7 +429,9 @@ def spla_fwd_kernel_sparse_kv(
     all_len,  # [NBA] int64 its length
     p_lse,  # [E, G] fp32 log2-sum-exp2 of the entry's scores
     p_o,  # [E, G, DV] attention output normalized over the entry's block
-    glob,  # [T, HQ, DV] fp32 global linear attention: the selected linear terms are subtracted in place
+    p_lin,  # [E, G, DV] fp32 the entry's selected linear term (unused with LIN_ATOMIC)
+    p_lm,  # [E, G] fp32 its mass
+    glob,  # [T, HQ, DV] fp32 global linear attention (LIN_ATOMIC: the selected terms are subtracted in place)
     glob_mass,  # [T, HQ] fp32 its mass, likewise
     scale,
     NBA,
@@ -448,9 +453,12 @@ def spla_fwd_kernel_sparse_kv(
     DOT_PREC: tl.constexpr,
     CDT: tl.constexpr,
     LIN: tl.constexpr,
+    LIN_ATOMIC: tl.constexpr = False,
 ):
     """KV-block-major sparse attention: one program loads one selected block once and serves up to BQ tokens
-    that selected it (their G heads as rows), writing per-(token, block) partials merged later."""
+    that selected it (their G heads as rows), writing per-(token, block) partials merged later (the selected
+    linear term too, in fp32, so the merge sums them in slot order; ``LIN_ATOMIC``: subtracted from glob with
+    fp32 atomics instead, order not fixed)."""
     i_w = tl.program_id(0).to(tl.int64)
     key = tl.load(work_key + i_w).to(tl.int64)
     i_h, i_b = key // NBA, key % NBA
@@ -511,18 +519,24 @@ def spla_fwd_kernel_sparse_kv(
     tl.store(p_lse + p_e, b_m + tl.log2(b_l), mask=m_r)
     tl.store(p_o + p_e[:, None] * DV + o_v[None, :], (b_acc / b_l[:, None]).to(p_o.dtype.element_ty), mask=m_o)
     if LIN:
-        # residual = global - selected: subtract this block's linear term (fp32 atomics, order not fixed)
-        tl.atomic_add(glob + p_row[:, None] * DV + o_v[None, :], -b_lin, mask=m_o, sem='relaxed')
-        tl.atomic_add(glob_mass + p_row, -b_ms, mask=m_r, sem='relaxed')
+        if LIN_ATOMIC:
+            # residual = global - selected: subtract this block's linear term (fp32 atomics, order not fixed)
+            tl.atomic_add(glob + p_row[:, None] * DV + o_v[None, :], -b_lin, mask=m_o, sem='relaxed')
+            tl.atomic_add(glob_mass + p_row, -b_ms, mask=m_r, sem='relaxed')
+        else:
+            tl.store(p_lin + p_e[:, None] * DV + o_v[None, :], b_lin, mask=m_o)
+            tl.store(p_lm + p_e, b_ms, mask=m_r)
 
 
 @triton.jit(do_not_specialize=['t0', 'e0'])
 def spla_fwd_kernel_merge(
     p_lse,  # [E, G] fp32
     p_o,  # [E, G, DV]
+    p_lin,  # [E, G, DV] fp32 selected linear terms (unread with LIN_ATOMIC)
+    p_lm,  # [E, G] fp32 their masses
     indices,  # [T, H, TOPK] int32
     tok_bos,  # [T] int64
-    glob,  # [T, HQ, DV] fp32 global minus selected linear term
+    glob,  # [T, HQ, DV] fp32 global linear term (LIN_ATOMIC: minus the selected ones already)
     glob_mass,  # [T, HQ] fp32 its mass
     o,  # [T, HQ, DV]
     o_rla,  # [T, HQ, DV]
@@ -541,6 +555,7 @@ def spla_fwd_kernel_merge(
     BTOPK: tl.constexpr,
     STORE_LSE: tl.constexpr = False,
     LIN: tl.constexpr = True,
+    LIN_ATOMIC: tl.constexpr = False,
 ):
     """Merge the per-block partials of one token and KV head; the residual is 0 where nothing is unselected, and
     everywhere without the linear branch (``LIN=False``: glob, glob_mass unread)."""
@@ -560,6 +575,8 @@ def spla_fwd_kernel_merge(
     b_m = tl.full([GP], float('-inf'), dtype=tl.float32)
     b_den = tl.zeros([GP], dtype=tl.float32)
     b_acc = tl.zeros([GP, BDV], dtype=tl.float32)
+    b_sl = tl.zeros([GP, BDV], dtype=tl.float32)
+    b_sm = tl.zeros([GP], dtype=tl.float32)
     for i in range(n_sel):
         p_e = ((i_t * H + i_h) * TOPK + i - e0) * G + o_g
         b_lse = tl.load(p_lse + p_e, mask=m_g, other=0.)
@@ -570,11 +587,15 @@ def spla_fwd_kernel_merge(
         b_oi = tl.load(p_o + p_e[:, None] * DV + o_v[None, :], mask=m_o, other=0.).to(tl.float32)
         b_acc = b_acc * b_a[:, None] + b_b[:, None] * b_oi
         b_m = b_mn
+        if LIN and not LIN_ATOMIC:
+            b_sl += tl.load(p_lin + p_e[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
+            b_sm += tl.load(p_lm + p_e, mask=m_g, other=0.)
     p_row = i_t * HQ + i_h * G + o_g
     tl.store(o + p_row[:, None] * DV + o_v[None, :], (b_acc / b_den[:, None]).to(o.dtype.element_ty), mask=m_o)
     if STORE_LSE:
         tl.store(lse + p_row, b_m + tl.log2(b_den), mask=m_g)
     b_gl, b_gm = _global_rows(glob, glob_mass, p_row, o_v, m_o, m_g, DV, GP, BDV, LIN)
+    b_gl, b_gm = b_gl - b_sl, b_gm - b_sm
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], tl.where(empty, 0., b_gl).to(o_rla.dtype.element_ty), mask=m_o)
     tl.store(rla_mass + p_row, tl.where(empty, 0., b_gm), mask=m_g)
 
@@ -649,7 +670,8 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
                merge: bool = True, chunk: Optional[int] = None) -> torch.Tensor:
     """Selected block ids of packed `[T, HQ, D]` queries, `[T, H, topk]` int32, ascending, -1 padded.
 
-    ``chunk``: candidate blocks scored per loop step (default :data:`TOPK_CHUNK`, at least the padded top-k).
+    ``chunk``: candidate blocks scored per loop step (default :data:`TOPK_CHUNK`, else 32 for groups of 16 or more
+    query heads, else 16; at least the padded top-k).
     ``merge=False`` skips the top-k merge (benchmark diagnostics only: the indices are then wrong).
     """
     T, HQ, D = q.shape
@@ -663,7 +685,7 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
         q, mean, var, reps, indices, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], meta["tile_boff"],
         scale, 0.5 * scale * scale, math.log(block_size),
         HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), BT=tile,
-        KP=KP, KC=max(KP, triton.next_power_of_2(chunk or TOPK_CHUNK)), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
+        KP=KP, KC=max(KP, triton.next_power_of_2(chunk or TOPK_CHUNK or (32 if G >= 16 else 16))), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
         TOPK=topk, SINK=sink_blocks, LOCAL=local_blocks, BS=block_size, TAYLOR2=selection == "taylor2",
         DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge, num_warps=8 if tile * GP >= 128 else 4,
         num_stages=2)
@@ -671,8 +693,9 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
 
 
 def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True,
-               lse: Optional[torch.Tensor] = None):
+               lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None):
     """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
+    Token-major: one program per (token, KV head). Launch settings default to :data:`SPARSE_LAUNCH`.
 
     ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
     ``lse``: an fp32 `[T, HQ]` buffer that receives the log2-sum-exp2 of the scaled scores (for the backward).
@@ -690,12 +713,20 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
         BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
         BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
         DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
-        num_warps=4, num_stages=2)
+        num_warps=num_warps or SPARSE_LAUNCH["token_warps"], num_stages=num_stages or SPARSE_LAUNCH["token_stages"])
     return o, o_rla, rla_mass
 
 
-# entries (token, KV head, slot) x group heads x DV of partials kept at once by the KV-major path
-PARTIAL_BUDGET = 1 << 30
+# entries (token, KV head, slot) x group heads x DV of partials kept at once by the KV-major path (2 bytes each of
+# attention output, and 4 of selected linear term when deterministic)
+PARTIAL_BUDGET = 1 << 29
+# fixed summation orders (the forward's KV-major selected linear terms, the backward's key gradients), default on;
+# SPLA_DETERMINISTIC=0 or deterministic=False: fp32 atomics instead
+DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
+# launch settings of the sparse stage: the token-major kernel's warps and pipeline stages; the KV-major kernel's
+# rows per program (tokens x padded group heads that share one loaded block), warps and stages
+# (benchmarks/bench_forward.py --sweep-sparse times alternatives)
+SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, kv_rows=64, kv_warps=4, kv_stages=2)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
@@ -719,11 +750,15 @@ def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
 
 
 def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
-                  lin: bool = True, rows: int = 64, num_warps: int = 4, lse: Optional[torch.Tensor] = None):
+                  lin: bool = True, rows: Optional[int] = None, num_warps: Optional[int] = None,
+                  num_stages: Optional[int] = None, lse: Optional[torch.Tensor] = None,
+                  deterministic: Optional[bool] = None):
     """KV-block-major sparse stage (each selected block is loaded once per BQ tokens that chose it).
 
     Processes the tokens in chunks so that the per-(token, block) partials stay under ``PARTIAL_BUDGET``.
-    The selected linear terms are subtracted from ``glob`` / ``glob_mass`` in place (fp32 atomics).
+    The selected linear terms are fp32 partials that the merge subtracts from ``glob`` / ``glob_mass`` in slot
+    order (``deterministic``, default :data:`DETERMINISTIC`), or fp32 atomics subtract them in place (order not
+    fixed; 2.5% faster on an H200 at 64k, docs/benchmarks.md).
     ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
     """
     T, HQ, D = q.shape
@@ -731,6 +766,7 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
     G = HQ // H
     GP = triton.next_power_of_2(G)
     topk = indices.shape[-1]
+    rows = rows or SPARSE_LAUNCH["kv_rows"]
     BQ = max(1, rows // GP)
     while BQ * GP < 16:
         BQ *= 2
@@ -743,6 +779,9 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
     E = min(T, chunk) * H * topk
     p_lse = q.new_empty(E, G, dtype=torch.float32)
     p_o = q.new_empty(E, G, DV, dtype=pdt)
+    atomic = not lin or not (DETERMINISTIC if deterministic is None else deterministic)
+    p_lin = p_o if atomic else q.new_empty(E, G, DV, dtype=torch.float32)
+    p_lm = p_lse if atomic else q.new_empty(E, G, dtype=torch.float32)
     BK = max(16, min(128, triton.next_power_of_2(block_size)))
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -752,16 +791,16 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
         if wkey.numel() > 0:
             spla_fwd_kernel_sparse_kv[(wkey.numel(),)](
                 q, k, v, fq, fk, wkey, wstart, wend, perm, meta["all_tok"], meta["all_len"],
-                p_lse, p_o, glob, glob_mass, scale, NBA, e0,
+                p_lse, p_o, p_lin, p_lm, glob, glob_mass, scale, NBA, e0,
                 HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV),
                 F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=BK, BQ=BQ, TOPK=topk,
-                DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, num_warps=num_warps,
-                num_stages=2)
+                DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, LIN_ATOMIC=atomic,
+                num_warps=num_warps or SPARSE_LAUNCH["kv_warps"], num_stages=num_stages or SPARSE_LAUNCH["kv_stages"])
         spla_fwd_kernel_merge[(t1 - t0, H)](
-            p_lse, p_o, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass,
+            p_lse, p_o, p_lin, p_lm, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass,
             rla_mass if lse is None else lse, t0, e0,
             HQ=HQ, H=H, G=G, GP=GP, DV=DV, BDV=triton.next_power_of_2(DV), BS=block_size, TOPK=topk,
-            BTOPK=triton.next_power_of_2(topk), STORE_LSE=lse is not None, LIN=lin, num_warps=4)
+            BTOPK=triton.next_power_of_2(topk), STORE_LSE=lse is not None, LIN=lin, LIN_ATOMIC=atomic, num_warps=4)
     return o, o_rla, rla_mass
 
 
@@ -810,8 +849,10 @@ def dense_fwd(q, k, v, *, block_size: int, topk: int, scale: float):
 
 
 def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, local_blocks, selection, cov,
-                      rep_keys, feature_map_name, scale, cu_seqlens, save_lse: bool = False, residual: bool = True):
+                      rep_keys, feature_map_name, scale, cu_seqlens, save_lse: bool = False, residual: bool = True,
+                      deterministic: Optional[bool] = None):
     """All forward stages on `[B, T, ...]` inputs; returns (o_sparse, o_rla, rla_mass, indices).
+    ``deterministic`` (default :data:`DETERMINISTIC`): fixed summation order in the KV-major sparse stage.
 
     ``save_lse=True`` appends the fp32 `[B*T, HQ]` log2-sum-exp2 of the sparse branch for the backward (None when
     the dense fast path ran). ``residual=False``: no linear branch at all (q_lin, k_lin unread; o_rla and rla_mass
@@ -847,7 +888,7 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
     else:  # placeholders: with lin=False the kernels read none of them and write o_rla = rla_mass = 0
         fq, fk, glob, glob_mass = qf, kf, qf, qf
     path = SPARSE_PATH if SPARSE_PATH != "auto" else ("token" if G >= 8 else "kv")
-    sparse = sparse_kv_fwd if path == "kv" else sparse_fwd
+    sparse = functools.partial(sparse_kv_fwd, deterministic=deterministic) if path == "kv" else sparse_fwd
     lse = q.new_empty(B * T, HQ, dtype=torch.float32) if save_lse else None
     o, o_rla, rla_mass = sparse(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale,
                                 lse=lse, lin=residual)
@@ -876,7 +917,6 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
 #     tiles with fp32 ``tl.atomic_add`` (summation order not fixed).
 # ---------------------------------------------------------------------------------------------------------------
 
-DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # most (token, slot) entries one work item of the KV-block-major backward walks; busier blocks are split
 KV_CAP = 4096
 
@@ -1273,13 +1313,13 @@ class ParallelSPLAFunction(torch.autograd.Function):
     The forward saves the inputs, o_sparse, the fp32 log2-sum-exp2 and the indices. Where the forward took the
     dense fast path (every block selected: causal SDPA, a zero residual) the backward recomputes SDPA with
     autograd; q_lin / k_lin then get zero gradients, as the residual is identically 0.
-    ``opts["deterministic"]`` (default: ``SPLA_DETERMINISTIC``, on) picks the KV-block-major key-gradient pass.
+    ``opts["deterministic"]`` (default: ``SPLA_DETERMINISTIC``, on) picks the KV-block-major key-gradient pass and
+    the forward's fixed-order sum of the selected linear terms.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, q_lin, k_lin, opts):
-        fwd_opts = {n: x for n, x in opts.items() if n != "deterministic"}
-        o, o_rla, rla_mass, indices, lse = parallel_spla_fwd(q, k, v, q_lin, k_lin, save_lse=True, **fwd_opts)
+        o, o_rla, rla_mass, indices, lse = parallel_spla_fwd(q, k, v, q_lin, k_lin, save_lse=True, **opts)
         ctx.dense = lse is None
         ctx.save_for_backward(q, k, v, q_lin, k_lin, indices, o, lse)
         ctx.opts = opts
