@@ -103,6 +103,11 @@ def run_one(T, HQ, H, D, peak, bw, rows):
         rec["linear_ms"] = bench(lambda: global_linear_fwd(feature_map_fwd(qf, "softmax2", dt),
                                                            feature_map_fwd(kf, "softmax2", dt), vf, meta, LINEAR_CHUNK))
         rec["select_nomerge_ms"] = bench(lambda: select_fwd(qf, stats, meta, merge=False, **sel))
+        # bf16 statistics (parallel.STATS_16BIT): the time, and whether the selection is the same bit for bit
+        stats16 = block_stats_fwd(kf, meta, BS, R, True, torch.bfloat16)
+        rec["select_stats16_ms"] = bench(lambda: select_fwd(qf, stats16, meta, **sel))
+        rec["select_stats16_same"] = bool(torch.equal(select_fwd(qf, stats16, meta, **sel), idx))
+        del stats16
         for c in SELECT_CHUNKS:  # wider scoring chunks (parallel.TOPK_CHUNK): time, and how many (token, KV head)
             # rows select other blocks (near-equal scores may order differently when the dot tile changes)
             rec[f"select_c{c}_ms"] = bench(lambda c=c: select_fwd(qf, stats, meta, chunk=c, **sel))
@@ -165,6 +170,7 @@ def run_one(T, HQ, H, D, peak, bw, rows):
 
 COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
         "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms",
+        "select_stats16_ms", "select_stats16_same",
         *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "rows_diff", "slots_diff")),
         "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "dense_kernels_ms"]
 

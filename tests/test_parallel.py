@@ -80,6 +80,31 @@ def test_select_chunk_widths(chunk, HQ, H, rep, sel, cu, monkeypatch):
     assert torch.equal(got, ref)
 
 
+def test_select_16bit_statistics(monkeypatch):
+    """Block statistics stored in bf16 (``STATS_16BIT``): the stats kernel stores the fp32 statistics to within one
+    bf16 step (the interpreter truncates where a GPU rounds to nearest: exact there, ``test_gpu_select_16bit_
+    statistics``), and the selection kernel reads them as the fp32 copies of the same values. On the CPU the switch
+    keeps fp32 (the interpreter scores in fp32)."""
+    import spla.ops.spla.parallel as P
+    q, k = _inputs(1, 260, 6, 2, 64, seed=31)[:2]
+    q, k = q[0], k[0]
+    tile = P._topk_tile(16, 3)
+    meta = P._prepare_meta((0, 260), 16, tile, q.device)
+    s32 = P.block_stats_fwd(k, meta, 16, 2, True)
+    s16 = P.block_stats_fwd(k, meta, 16, 2, True, torch.bfloat16)
+    for a, b in zip(s32, s16):
+        assert b.dtype == torch.bfloat16
+        assert ((a - b.float()).abs() <= a.abs() * 2 ** -7).all()
+    opts = dict(H=2, block_size=16, tile=tile, topk=5, sink_blocks=1, local_blocks=1, selection="taylor2",
+                rep_keys=2, scale=64 ** -0.5)
+    got = P.select_fwd(q, s16, meta, **opts)
+    ref = P.select_fwd(q, tuple(x.float() for x in s16), meta, **opts)
+    assert torch.equal(got, ref)
+    monkeypatch.setattr(P, "STATS_16BIT", True)
+    assert P.selection_stats_dtype(q) == torch.float32  # CPU: fp32 (the interpreter computes in fp32)
+    assert P.selection_stats_dtype(q.to(torch.bfloat16)) == torch.float32
+
+
 @pytest.mark.parametrize("path", ["token", "kv-chunked", "kv-atomic"])
 def test_parallel_sparse_paths(path, monkeypatch):
     """Both sparse stages (token-major; KV-major with its partials split over several token chunks, its selected
@@ -274,6 +299,26 @@ def test_gpu_sparse_paths_agree(monkeypatch):
     assert torch.equal(kv.indices, tok.indices)
     for n in OUTS:
         assert_close(n, getattr(tok, n).float(), getattr(kv, n).float(), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_select_16bit_statistics(monkeypatch):
+    """bf16 at T=8k, GQA 4 and 16: bf16 statistics (``STATS_16BIT``) are the fp32 ones rounded to nearest, and the
+    selection is the same bit for bit (the scoring kernel rounds fp32 statistics to bf16 on load)."""
+    import spla.ops.spla.parallel as P
+    for HQ, H in ((32, 8), (64, 4)):
+        q, k, v = _inputs(1, 8192, HQ, H, 128, seed=8, dtype=torch.bfloat16)
+        tile = P._topk_tile(64, HQ // H)
+        meta = P._prepare_meta((0, 8192), 64, tile, q.device)
+        s32 = P.block_stats_fwd(k[0], meta, 64, 1, True)
+        s16 = P.block_stats_fwd(k[0], meta, 64, 1, True, torch.bfloat16)
+        for a, b in zip(s32, s16):
+            assert torch.equal(a.to(torch.bfloat16), b)
+        ref = spla_attn(q, k, v, backend="triton").indices
+        monkeypatch.setattr(P, "STATS_16BIT", True)
+        assert P.selection_stats_dtype(q[0]) == torch.bfloat16
+        assert torch.equal(spla_attn(q, k, v, backend="triton").indices, ref)
+        monkeypatch.setattr(P, "STATS_16BIT", False)
 
 
 @pytest.mark.gpu

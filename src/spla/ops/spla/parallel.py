@@ -68,6 +68,11 @@ TOPK_ROWS = 64
 # from 15.4 to 16.4 ms; 64 was slower for both; the selections differed in 2-4e-5 of the rows, near-tied scores
 # summed in another order)
 TOPK_CHUNK: Optional[int] = None
+# store the selection's block statistics in the 16-bit input dtype (selection_stats_dtype): the scoring kernel's
+# dot operands are rounded to it on load anyway, so the selection is the same bit for bit with half the bytes read.
+# Written and CPU-tested in the second session of 2026-12-04, not yet timed on a GPU: off until it is
+# (bench_forward.py times it as select_stats16_ms)
+STATS_16BIT = False
 
 
 @triton.jit
@@ -651,18 +656,29 @@ def _topk_tile(block_size: int, G: int, rows: Optional[int] = None) -> Optional[
     return bt if bt * GP >= 16 else None
 
 
-def block_stats_fwd(k: torch.Tensor, meta: dict, block_size: int, rep_keys: int, second: bool):
-    """fp32 mean / diag variance / representative keys of the complete blocks of packed `[T, H, D]` keys."""
+def block_stats_fwd(k: torch.Tensor, meta: dict, block_size: int, rep_keys: int, second: bool,
+                    dtype: torch.dtype = torch.float32):
+    """Mean / diag variance / representative keys of the complete blocks of packed `[T, H, D]` keys, computed in
+    fp32 and stored in ``dtype`` (:func:`selection_stats_dtype`)."""
     T, H, D = k.shape
     NB = meta["blk_tok"].numel()
-    mean = k.new_empty(max(NB, 1), H, D, dtype=torch.float32)
-    var = k.new_empty(max(NB, 1), H, D, dtype=torch.float32) if second else mean
-    reps = k.new_empty(max(NB, 1), H, max(rep_keys, 1), D, dtype=torch.float32) if rep_keys > 0 else mean
+    mean = k.new_empty(max(NB, 1), H, D, dtype=dtype)
+    var = k.new_empty(max(NB, 1), H, D, dtype=dtype) if second else mean
+    reps = k.new_empty(max(NB, 1), H, max(rep_keys, 1), D, dtype=dtype) if rep_keys > 0 else mean
     if NB > 0:
         spla_fwd_kernel_stats[(NB, H)](k, mean, var, reps, meta["blk_tok"], H=H, D=D, BD=triton.next_power_of_2(D),
                                        BS=block_size, BSP=triton.next_power_of_2(block_size), R=rep_keys,
                                        SECOND=second, num_warps=4)
     return mean, var, reps
+
+
+def selection_stats_dtype(q: torch.Tensor) -> torch.dtype:
+    """Storage of the selection's block statistics: fp32, or with :data:`STATS_16BIT` the 16-bit dtype the scoring
+    kernel rounds them to on load anyway (16-bit inputs on a GPU): half the bytes, the same selection bit for bit."""
+    cdt = compute_dtype(q.dtype)
+    if STATS_16BIT and cdt != tl.float32:
+        return torch.bfloat16 if cdt == tl.bfloat16 else torch.float16
+    return torch.float32
 
 
 def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, tile: int, topk: int,
@@ -877,7 +893,7 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
                                     local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
                                     scale=scale, cu_seqlens=cu_seqlens).reshape(B * T, H, topk)
     else:
-        stats = block_stats_fwd(kf, meta, block_size, rep_keys, selection == "taylor2")
+        stats = block_stats_fwd(kf, meta, block_size, rep_keys, selection == "taylor2", selection_stats_dtype(q))
         indices = select_fwd(qf, stats, meta, H=H, block_size=block_size, tile=tile, topk=topk,
                              sink_blocks=sink_blocks, local_blocks=local_blocks, selection=selection,
                              rep_keys=rep_keys, scale=scale)
