@@ -115,7 +115,8 @@ def test_parallel_sparse_paths(path, monkeypatch):
     else:
         monkeypatch.setattr(P, "SPARSE_PATH", "kv")
         monkeypatch.setattr(P, "DETERMINISTIC", path != "kv-atomic")
-        monkeypatch.setattr(P, "PARTIAL_BUDGET", 40 * 1 * 4 * 3 * 48)  # H * topk * G * Dv per token: 40 tokens a chunk
+        # per token H * topk * G * (Dv * (4 + 4) + 4 + 4) bytes (fp32, deterministic): 40 tokens a chunk (atomic: 80)
+        monkeypatch.setattr(P, "PARTIAL_BYTES", 40 * 1 * 4 * 3 * (48 * 8 + 8))
     inputs = _inputs(1, 113, 3, 1, 64, Dv=48, seed=23)
     opts = dict(block_size=16, topk=4, rep_keys=1, feature_map="relu2")
     tri = spla_attn(*inputs, backend="triton", **opts)
