@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 PINS   := $(TORCH) triton==3.6.0 "numpy<2.4"
 
-.PHONY: demo test test-slow test-gpu bench-cpu install install-dev install-hf clean
+.PHONY: demo test test-slow test-gpu bench-cpu bench-locality install install-dev install-hf clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-gpu: install-dev
 
 bench-cpu: install-dev
 	$(PY) benchmarks/bench_cpu.py
+
+# how local SPLA's selection is on SmolLM2's activations (CPU, ~3 minutes; docs/benchmarks.md)
+bench-locality: install-hf
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_locality.py --T 4096 8192 --out out/locality
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -83,3 +83,24 @@ def test_gpu_suite_script_parses_and_covers_its_usage():
     branches = set(re.findall(r"^\s+([a-z|-]+)\)", text, flags=re.M))
     named = {w for b in branches for w in b.split("|")}
     assert set(usage) <= named, set(usage) - named
+
+
+def test_locality_union_sizes_count_each_tile_once():
+    """bench_locality's union count: tiles of n consecutive tokens past the dense regime, -1 padding ignored, a
+    block shared by the tile's tokens counted once."""
+    from benchmarks.bench_locality import BS, TOPK, union_sizes
+    T, H = (TOPK + 4) * BS, 2
+    first = TOPK * BS
+    idx = torch.full((T, H, TOPK), -1, dtype=torch.int32)
+    t = torch.arange(T)
+    idx[:, 0, 0] = 0  # head 0: every token block 0, and its own block
+    idx[:, 0, 1] = (t // BS).int()
+    idx[:, 1, :3] = torch.stack([t % 5, t % 5 + 5, torch.full_like(t, 11)], 1).int()  # head 1: 5-periodic pairs
+    u = union_sizes(idx, [1, 4, 64])
+    assert u[1].shape == (T - first, H) and (u[1][:, 0] == 2).all() and (u[1][:, 1] == 3).all()
+    assert u[4].shape == ((T - first) // 4, H)
+    assert (u[4][:, 0] == 2).all()  # a 4-token tile never crosses a block here: block 0 + its own block
+    assert (u[4][:, 1] == 9).all()  # 4 consecutive residues mod 5, twice, and block 11
+    assert (u[64][:, 0] == 2).all() and (u[64][:, 1] == 11).all()
+    with pytest.raises(ValueError, match="no tile"):
+        union_sizes(idx[:first + 10], [64])
