@@ -11,12 +11,15 @@ FLOPs are counted from the actual selection (keys visited, candidates scored); t
 ``max(FLOPs / matmul rate, minimal bytes / copy bandwidth)`` with both ceilings measured in the same run.
 ``topk_attn``: SPLA's top-k branch alone (no linear branch). FlexAttention: compiled ``flex_attention`` under a causal block-sparse mask of the same token budget, given in
 advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_vs_flex`` = our sparse stage / it.
+``sparse_union_ms``: the query-tile union stage (``SPARSE_PATH="union"``), with ``union_blocks`` the mean union of
+selected blocks per tile on this (random) data.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import sys
 import traceback
@@ -29,8 +32,8 @@ from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-from spla.ops.spla.parallel import (LINEAR_CHUNK, _prepare_meta, _topk_tile, block_stats_fwd, dense_fwd,
-                                    select_fwd, sparse_fwd, sparse_kv_fwd)
+from spla.ops.spla.parallel import (LINEAR_CHUNK, _prepare_meta, _tile_unions, _topk_tile, block_stats_fwd,
+                                    dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd, sparse_union_fwd)
 
 BS, TOPK, SINK, LOCAL, R = 64, 16, 1, 2, 1
 
@@ -121,6 +124,11 @@ def run_one(T, HQ, H, D, peak, bw, rows):
         rec["sparse_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp))
         rec["sparse_attn_only_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, lin=False, **sp))
         rec["sparse_alt_ms"] = bench(lambda: alt_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp), rep=50)
+        # the query-tile union stage (parallel.SPARSE_PATH="union"): its time, and the mean union per tile in
+        # blocks (random data: adjacent tokens share only the forced blocks; see bench_locality.py)
+        rec["sparse_union_ms"] = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile, **sp),
+                                       rep=20)
+        rec["union_blocks"] = _tile_unions(idx, meta, tile)[1].float().mean().item()
         if T <= TOPK * BS:
             rec["dense_kernels_ms"] = bench(lambda: dense_fwd(q, k, v, block_size=BS, topk=TOPK, scale=scale))
         rec["total_ms"] = total
@@ -172,7 +180,7 @@ COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "tota
         "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms",
         "select_stats16_ms", "select_stats16_same",
         *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "rows_diff", "slots_diff")),
-        "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "dense_kernels_ms"]
+        "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "sparse_union_ms", "union_blocks", "dense_kernels_ms"]
 
 
 #: launch settings timed by --sweep-sparse (parallel.SPARSE_LAUNCH holds the defaults)
@@ -180,11 +188,12 @@ COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "tota
 #: none beat the defaults; docs/benchmarks.md). ``lin_atomic``: the KV-major path's deterministic=False
 SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, True) for r in (64, 128)
                        for w in (4, 8)],
-                "token": [dict(num_warps=4, num_stages=2)]}
+                "token": [dict(num_warps=4, num_stages=2)],
+                "union": [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2)]}
 
 
 def sweep_sparse(T, HQ, H, D):
-    """Time both sparse stages (KV-major, token-major) under each setting of SPARSE_SWEEP; returns rows."""
+    """Time the sparse stages (KV-major, token-major, query-tile union) under each setting of SPARSE_SWEEP."""
     torch.manual_seed(0)
     dt = torch.bfloat16
     q, k, v = (torch.randn(T, n, D, device="cuda", dtype=dt) for n in (HQ, H, H))
@@ -199,7 +208,8 @@ def sweep_sparse(T, HQ, H, D):
         fq, fk = feature_map_fwd(q, "softmax2", dt), feature_map_fwd(k, "softmax2", dt)
         glob, gm = global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK)
         ref = None
-        for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd)):
+        union = functools.partial(sparse_union_fwd, tile=tile)
+        for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd), ("union", union)):
             for st in SPARSE_SWEEP[path]:
                 st = dict(st)
                 atomic = st.pop("lin_atomic", False)

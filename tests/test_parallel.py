@@ -105,13 +105,14 @@ def test_select_16bit_statistics(monkeypatch):
     assert P.selection_stats_dtype(q.to(torch.bfloat16)) == torch.float32
 
 
-@pytest.mark.parametrize("path", ["token", "kv-chunked", "kv-atomic"])
+@pytest.mark.parametrize("path", ["token", "kv-chunked", "kv-atomic", "union"])
 def test_parallel_sparse_paths(path, monkeypatch):
-    """Both sparse stages (token-major; KV-major with its partials split over several token chunks, its selected
-    linear terms as fp32 partials summed by the merge, or with ``DETERMINISTIC`` off fp32 atomics)."""
+    """Every sparse stage (token-major; KV-major with its partials split over several token chunks, its selected
+    linear terms as fp32 partials summed by the merge, or with ``DETERMINISTIC`` off fp32 atomics; query-tile
+    unions)."""
     import spla.ops.spla.parallel as P
-    if path == "token":
-        monkeypatch.setattr(P, "SPARSE_PATH", "token")
+    if path in ("token", "union"):
+        monkeypatch.setattr(P, "SPARSE_PATH", path)
     else:
         monkeypatch.setattr(P, "SPARSE_PATH", "kv")
         monkeypatch.setattr(P, "DETERMINISTIC", path != "kv-atomic")
@@ -122,6 +123,44 @@ def test_parallel_sparse_paths(path, monkeypatch):
     tri = spla_attn(*inputs, backend="triton", **opts)
     ref = spla_attn(*inputs, backend="torch", **opts)
     _check(tri, ref, 2e-5, f"{path} ")
+
+
+@pytest.mark.parametrize("T,HQ,H,D,Dv,cu,residual,grads", [
+    (130, 3, 1, 64, 64, (0, 29, 29, 100, 130), True, True),  # packed, odd lengths, an empty sequence, G = 3
+    (99, 8, 1, 128, 64, None, True, False),  # G = 8, D = 128, Dv != D
+    (83, 2, 2, 64, 64, None, True, False),  # G = 1 (64-token tiles)
+    (77, 4, 2, 64, 64, None, False, False),  # topk_attn: no linear branch
+])
+def test_union_path(T, HQ, H, D, Dv, cu, residual, grads, monkeypatch):
+    """The query-tile union stage (``SPARSE_PATH="union"``) against the torch backend: outputs and (through the
+    saved log-sum-exp) the gradients of all five inputs."""
+    import spla.ops.spla.parallel as P
+    from spla import topk_attn
+    monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    inputs = _inputs(1, T, HQ, H, D, Dv=Dv, seed=T + HQ, requires_grad=grads)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64, device=DEVICE)
+    opts = dict(block_size=16, topk=4, rep_keys=1, cu_seqlens=cu_t)
+    fn = spla_attn if residual else topk_attn
+    tri = fn(*inputs, backend="triton", **opts)  # fresh buffers are poisoned (conftest): unwritten rows would show
+    ref = fn(*inputs, backend="torch", **opts)
+    _check(tri, ref, 2e-5, "union ")
+    if grads:
+        w = [torch.randn_like(getattr(ref, n)) for n in OUTS]
+        g_tri = torch.autograd.grad(sum((getattr(tri, n) * x).sum() for n, x in zip(OUTS, w)), inputs)
+        g_ref = torch.autograd.grad(sum((getattr(ref, n) * x).sum() for n, x in zip(OUTS, w)), inputs)
+        for name, a, b in zip(("q", "k", "v", "q_lin", "k_lin"), g_tri, g_ref):
+            assert_close(f"d{name}", b, a, 1e-4)
+
+
+def test_tile_unions():
+    """The union lists: ascending, de-duplicated, -1 ignored, per tile and KV head, tiles within sequences."""
+    import spla.ops.spla.parallel as P
+    idx = torch.tensor([[[0, 1], [2, -1]], [[1, 3], [2, 2]], [[0, -1], [5, 4]]], dtype=torch.int32)  # [T=3, H=2, K=2]
+    meta = P._prepare_meta((0, 2, 3), 16, 2, "cpu")  # sequences [0, 2) and [2, 3): tiles {0, 1} and {2}
+    ul, n = P._tile_unions(idx, meta, 2)
+    assert n.tolist() == [[3, 1], [1, 2]]
+    assert ul[0, 0, :3].tolist() == [0, 1, 3] and ul[0, 1, :1].tolist() == [2]
+    assert ul[1, 0, :1].tolist() == [0] and ul[1, 1, :2].tolist() == [4, 5]
 
 
 def test_parallel_vs_naive_linear_inputs():
@@ -281,7 +320,7 @@ def _triton_fp32_on_indices(q, k, v, indices, block_size):
 
 @pytest.mark.gpu
 def test_gpu_sparse_paths_agree(monkeypatch):
-    """bf16 at T=8k, GQA 4: the token-major and the KV-major sparse stages give the same outputs; the KV-major
+    """bf16 at T=8k, GQA 4: the token-major, KV-major and query-tile union sparse stages give the same outputs; the KV-major
     stage is deterministic (its selected linear terms are summed by the merge, not by atomics) and agrees with
     its atomic variant (``deterministic=False``)."""
     import spla.ops.spla.parallel as P
@@ -297,9 +336,12 @@ def test_gpu_sparse_paths_agree(monkeypatch):
         assert_close(n, getattr(atomic, n).float(), getattr(kv, n).float(), 1e-2)
     monkeypatch.setattr(P, "SPARSE_PATH", "token")
     tok = spla_attn(q, k, v, backend="triton")
-    assert torch.equal(kv.indices, tok.indices)
-    for n in OUTS:
-        assert_close(n, getattr(tok, n).float(), getattr(kv, n).float(), 1e-2)
+    monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    uni = spla_attn(q, k, v, backend="triton")
+    for other in (kv, uni):
+        assert torch.equal(other.indices, tok.indices)
+        for n in OUTS:
+            assert_close(n, getattr(tok, n).float(), getattr(other, n).float(), 1e-2)
 
 
 @pytest.mark.gpu

@@ -55,7 +55,9 @@ from spla.ops.spla.utils import SPLAOutput
 LINEAR_CHUNK = 64
 # the sparse stage: "kv" (KV-block-major, each selected block loaded once per group of tokens that chose it,
 # partials merged per token), "token" (one program per token and KV head, gathers its own blocks; its G heads
-# fill the 16 rows of tl.dot from G = 8 on) or "auto" (token for G >= 8, else kv; measured on H100 and H200)
+# fill the 16 rows of tl.dot from G = 8 on), "union" (one program per query tile of the selection and KV head,
+# loads the union of its tokens' blocks once; written 2026-12-04, CPU-tested, not yet timed on a GPU) or "auto"
+# (token for G >= 8, else kv; measured on H100 and H200)
 SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
 # where every block is selected (T <= topk * block_size, no cu_seqlens, Dv == D, CUDA) SPLA is causal attention
 # with a zero residual: run torch's SDPA (flash) instead of the sparse kernels
@@ -419,6 +421,132 @@ def spla_fwd_kernel_sparse(
     tl.store(rla_mass + p_row, b_rm, mask=m_g)
 
 
+@triton.jit(do_not_specialize=['scale'])
+def spla_fwd_kernel_sparse_union(
+    q,  # [T, HQ, D]
+    k,  # [T, H, D]
+    v,  # [T, H, DV]
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    glob,  # [T, HQ, DV] fp32
+    glob_mass,  # [T, HQ] fp32
+    indices,  # [T, H, TOPK] int32
+    ulist,  # [NQ, H, UMAX] int32 the union of the tile's selected blocks, ascending, then padding
+    ucount,  # [NQ, H] int32 its length
+    tile_bos,  # [NQ] int64 first token of the tile's sequence
+    tile_t0,  # [NQ] int64 the tile's first position in its sequence
+    tile_len,  # [NQ] int64 the sequence's length
+    o,  # [T, HQ, DV]
+    o_rla,  # [T, HQ, DV]
+    rla_mass,  # [T, HQ] fp32
+    lse,  # [T, HQ] fp32 log2-sum-exp2 of the scaled scores (saved for the backward), if STORE_LSE
+    scale,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    F: tl.constexpr,
+    BF: tl.constexpr,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    BT: tl.constexpr,
+    TOPK: tl.constexpr,
+    BTOPK: tl.constexpr,
+    UMAX: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+    LIN: tl.constexpr = True,
+    STORE_LSE: tl.constexpr = False,
+):
+    """Query-tile sparse attention: one program per (tile of BT consecutive tokens, KV head) walks the union of the
+    blocks its tokens selected, loading each once for all BT x G rows; a row attends to a block's keys only where
+    its token selected the block (and causally). Per row the blocks come in the same ascending order as in
+    ``spla_fwd_kernel_sparse`` (a block a row did not select leaves its online softmax unchanged), and the
+    outputs are written directly: no partials, no atomics."""
+    i_n, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    bos = tl.load(tile_bos + i_n).to(tl.int64)
+    t0 = tl.load(tile_t0 + i_n).to(tl.int64)
+    L = tl.load(tile_len + i_n).to(tl.int64)
+    # rows: token-major, group-head-minor [BT*GP]
+    o_r = tl.arange(0, BT * GP)
+    r_t, r_g = t0 + o_r // GP, o_r % GP
+    m_r = (r_t < L) & (r_g < G)
+    p_row = (bos + r_t) * HQ + i_h * G + r_g
+    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
+    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
+    # [BT*GP, BD]
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.).to(CDT)
+    if LIN:
+        # [BT*GP, BF]
+        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.).to(CDT)
+    # each row's selection [BT*GP, BTOPK]
+    o_i = tl.arange(0, BTOPK)
+    b_sel = tl.load(indices + ((bos + r_t) * H + i_h)[:, None] * TOPK + o_i[None, :],
+                    mask=m_r[:, None] & (o_i < TOPK)[None, :], other=-1)
+    n_u = tl.load(ucount + i_n * H + i_h)
+
+    qk_scale = scale * 1.44269504
+    b_mi = tl.full([BT * GP], float('-inf'), dtype=tl.float32)
+    b_li = tl.zeros([BT * GP], dtype=tl.float32)
+    b_acc = tl.zeros([BT * GP, BDV], dtype=tl.float32)
+    b_lin = tl.zeros([BT * GP, BDV], dtype=tl.float32)
+    b_ms = tl.zeros([BT * GP], dtype=tl.float32)
+    b_cnt = tl.zeros([BT * GP], dtype=tl.int32)
+    o_s = tl.arange(0, BK)
+    for u in range(n_u):
+        j = tl.load(ulist + (i_n * H + i_h) * UMAX + u).to(tl.int64)
+        # rows whose token selected block j
+        m_rj = m_r & (tl.sum((b_sel == j).to(tl.int32), 1) > 0)
+        for s0 in range(0, BS, BK):
+            o_p = j * BS + s0 + o_s
+            m_p = ((s0 + o_s) < BS) & (o_p < L)
+            m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
+            p_kv = (bos + o_p) * H + i_h
+            # [BK, BD], [BK, BDV]
+            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
+            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
+            # [BT*GP, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+            b_s = tl.where(m_s, b_s, float('-inf'))
+            b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+            # rows that see nothing of this sub-tile keep their state (alpha 1, p 0), also while still at -inf
+            b_alpha = tl.where(b_mn == float('-inf'), 1., tl.exp2(b_mi - b_mn))
+            b_p = tl.where(m_s, tl.exp2(b_s - b_mn[:, None]), 0.)
+            b_li = b_li * b_alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+            b_mi = b_mn
+            if LIN:
+                # [BK, BF]
+                b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :],
+                               other=0.).to(CDT)
+                b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
+                b_lin += tl.dot(b_w.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+                b_ms += tl.sum(b_w, 1)
+            b_cnt += tl.sum(m_s.to(tl.int32), 1)
+    # every valid row sees at least itself (its own block is always selected)
+    b_li = tl.where(m_r, b_li, 1.)
+    m_o = m_r[:, None] & m_v[None, :]
+    tl.store(o + p_row[:, None] * DV + o_v[None, :], (b_acc / b_li[:, None]).to(o.dtype.element_ty), mask=m_o)
+    if STORE_LSE:
+        tl.store(lse + p_row, b_mi + tl.log2(b_li), mask=m_r)
+    # residual = global - selected, exactly 0 where every visible token is selected (counted per row)
+    empty = b_cnt == r_t + 1
+    if LIN:
+        b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
+        b_gm = tl.load(glob_mass + p_row, mask=m_r, other=0.)
+    else:
+        b_gl = tl.zeros([BT * GP, BDV], dtype=tl.float32)
+        b_gm = tl.zeros([BT * GP], dtype=tl.float32)
+    b_r = tl.where(empty[:, None], 0., b_gl - b_lin)
+    b_rm = tl.where(empty, 0., b_gm - b_ms)
+    tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_o)
+    tl.store(rla_mass + p_row, b_rm, mask=m_r)
+
+
 @triton.jit(do_not_specialize=['scale', 'NBA', 'e0'])
 def spla_fwd_kernel_sparse_kv(
     q,  # [T, HQ, D]
@@ -733,6 +861,53 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
     return o, o_rla, rla_mass
 
 
+def _tile_unions(indices: torch.Tensor, meta: dict, tile: int):
+    """The union of the blocks the tokens of each query tile selected, per KV head: ``[NQ, H, tile*TOPK]`` int32
+    ascending (padding after ``count``) and ``count [NQ, H]`` int32 (torch: a sort, a de-duplication, a sort)."""
+    T, H, K = indices.shape
+    r = torch.arange(tile, device=indices.device)
+    pos = meta["tile_t0"][:, None] + r[None, :]  # [NQ, tile]
+    ok = pos < meta["tile_len"][:, None]
+    tok = torch.where(ok, meta["tile_bos"][:, None] + pos, 0)
+    big = torch.iinfo(torch.int32).max
+    ids = torch.where(ok[:, :, None, None], indices[tok], -1)  # [NQ, tile, H, K]
+    ids = torch.where(ids >= 0, ids, big).permute(0, 2, 1, 3).reshape(-1, H, tile * K)
+    ids = torch.sort(ids, -1).values
+    dup = torch.zeros_like(ids, dtype=torch.bool)
+    dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
+    ids = torch.sort(torch.where(dup, big, ids), -1).values
+    return ids.contiguous(), (ids < big).sum(-1, dtype=torch.int32)
+
+
+def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, tile: int,
+                     lin: bool = True, lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
+                     num_stages: Optional[int] = None):
+    """Query-tile sparse stage (``spla_fwd_kernel_sparse_union``): per tile of ``tile`` consecutive tokens (the
+    selection's tiles, ``meta``) and KV head, the union of their selected blocks is loaded once for all their rows.
+    Returns (o, o_rla, rla_mass) as :func:`sparse_fwd`; the same outputs up to rounding. It reads
+    ``union / (tile x topk)`` of the K/V the token-major stage reads (2-10% for 64-16 token tiles on a real
+    model's activations, ``benchmarks/bench_locality.py``) and computes scores over the whole union."""
+    T, HQ, D = q.shape
+    H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
+    G = HQ // H
+    topk = indices.shape[-1]
+    ulist, ucount = _tile_unions(indices, meta, tile)
+    o = q.new_empty(T, HQ, DV)
+    o_rla = q.new_empty(T, HQ, DV)
+    rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
+    NQ = meta["tile_bos"].numel()
+    spla_fwd_kernel_sparse_union[(NQ, H)](
+        q, k, v, fq, fk, glob, glob_mass, indices, ulist, ucount, meta["tile_bos"], meta["tile_t0"], meta["tile_len"],
+        o, o_rla, rla_mass, rla_mass if lse is None else lse, scale,
+        HQ=HQ, H=H, G=G, GP=triton.next_power_of_2(G), D=D, BD=triton.next_power_of_2(D), DV=DV,
+        BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
+        BK=max(16, min(64, triton.next_power_of_2(block_size))), BT=tile, TOPK=topk,
+        BTOPK=triton.next_power_of_2(topk), UMAX=ulist.shape[-1], DOT_PREC=_dot_prec(q.dtype),
+        CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
+        num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
+    return o, o_rla, rla_mass
+
+
 # bytes of per-(token, block) partials the KV-major path keeps at once (attention outputs in the input dtype and
 # fp32 log-sum-exps; deterministic: also fp32 selected linear terms and masses); it runs in token chunks under it
 PARTIAL_BYTES = 3 << 30
@@ -742,7 +917,8 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # launch settings of the sparse stage: the token-major kernel's warps and pipeline stages; the KV-major kernel's
 # rows per program (tokens x padded group heads that share one loaded block), warps and stages
 # (benchmarks/bench_forward.py --sweep-sparse times alternatives)
-SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, kv_rows=64, kv_warps=4, kv_stages=2)
+SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
+                     union_stages=2)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
@@ -905,7 +1081,12 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
     else:  # placeholders: with lin=False the kernels read none of them and write o_rla = rla_mass = 0
         fq, fk, glob, glob_mass = qf, kf, qf, qf
     path = SPARSE_PATH if SPARSE_PATH != "auto" else ("token" if G >= 8 else "kv")
-    sparse = functools.partial(sparse_kv_fwd, deterministic=deterministic) if path == "kv" else sparse_fwd
+    if path == "union" and tile:
+        sparse = functools.partial(sparse_union_fwd, tile=tile)
+    elif path == "kv":
+        sparse = functools.partial(sparse_kv_fwd, deterministic=deterministic)
+    else:
+        sparse = sparse_fwd
     lse = q.new_empty(B * T, HQ, dtype=torch.float32) if save_lse else None
     o, o_rla, rla_mass = sparse(qf, kf, vf, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale,
                                 lse=lse, lin=residual)
