@@ -316,6 +316,34 @@ def _global_rows(glob, glob_mass, p_row, o_v, m_o, m_g, DV: tl.constexpr, GP: tl
     return b_gl, b_gm
 
 
+@triton.jit
+def _attend_subtile(b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
+                    qk_scale, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DOT_PREC: tl.constexpr,
+                    CDT: tl.constexpr, LIN: tl.constexpr):
+    """One key sub-tile of the sparse stage for a set of query rows: loads K, V (and phi(k)) of keys ``p_kv``
+    (``m_p`` real keys), then the online-softmax update of (max, sum, output) with scores masked by ``m_s``
+    (rows x keys; rows that see none of them keep their state, also while at -inf) and, over the same tiles, the
+    selected linear term and its mass. Returns the updated (max, sum, output, linear term, mass)."""
+    # [BK, BD], [BK, BDV]
+    b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
+    b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
+    # [rows, BK]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+    b_s = tl.where(m_s, b_s, float('-inf'))
+    b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
+    b_alpha = tl.where(b_mn == float('-inf'), 1., tl.exp2(b_mi - b_mn))
+    b_p = tl.where(m_s, tl.exp2(b_s - b_mn[:, None]), 0.)
+    b_li = b_li * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(CDT), b_v, input_precision=DOT_PREC)
+    if LIN:
+        # [BK, BF]
+        b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.).to(CDT)
+        b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
+        b_lin += tl.dot(b_w.to(CDT), b_v, input_precision=DOT_PREC)
+        b_ms += tl.sum(b_w, 1)
+    return b_mn, b_li, b_acc, b_lin, b_ms
+
+
 @triton.jit(do_not_specialize=['scale'])
 def spla_fwd_kernel_sparse(
     q,  # [T, HQ, D]
@@ -364,6 +392,8 @@ def spla_fwd_kernel_sparse(
     if LIN:
         # [GP, BF]
         b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_g[:, None] & m_f[None, :], other=0.).to(CDT)
+    else:
+        b_fq = b_q  # unread
     # [BTOPK]
     o_i = tl.arange(0, BTOPK)
     b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
@@ -383,28 +413,10 @@ def spla_fwd_kernel_sparse(
             o_p = j * BS + s0 + o_s
             m_p = ((s0 + o_s) < BS) & (o_p <= pos)
             p_kv = (bos + o_p) * H + i_h
-            # [BK, BD]
-            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
-            # [BK, BDV]
-            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
-            # [GP, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-            b_s = tl.where(m_p[None, :], b_s, float('-inf'))
-            b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
-            # a sub-tile past the query can be fully masked: keep -inf rows from producing NaN
-            b_alpha = tl.where(b_mn == float('-inf'), 1., tl.exp2(b_mi - b_mn))
-            b_p = tl.where(m_p[None, :], tl.exp2(b_s - b_mn[:, None]), 0.)
-            b_li = b_li * b_alpha + tl.sum(b_p, 1)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-            b_mi = b_mn
-            if LIN:
-                # the selected linear term over the same tiles, [BK, BF]
-                m_pf = m_p[:, None] & m_f[None, :]
-                b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_pf, other=0.).to(CDT)
-                b_w = tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC)
-                b_w = tl.where(m_p[None, :], b_w, 0.)
-                b_lin += tl.dot(b_w.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-                b_ms += tl.sum(b_w, 1)
+            # a sub-tile past the query can be fully masked (the helper keeps -inf rows from producing NaN)
+            b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
+                b_q, b_fq, k, v, fk, p_kv, m_p, m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin,
+                b_ms, qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
             b_cnt += m_p.to(tl.int32)
     b_o = b_acc / b_li[:, None]
     m_o = m_g[:, None] & m_v[None, :]
@@ -483,6 +495,8 @@ def spla_fwd_kernel_sparse_union(
     if LIN:
         # [BT*GP, BF]
         b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.).to(CDT)
+    else:
+        b_fq = b_q  # unread
     # each row's selection [BT*GP, BTOPK]
     o_i = tl.arange(0, BTOPK)
     b_sel = tl.load(indices + ((bos + r_t) * H + i_h)[:, None] * TOPK + o_i[None, :],
@@ -506,26 +520,10 @@ def spla_fwd_kernel_sparse_union(
             m_p = ((s0 + o_s) < BS) & (o_p < L)
             m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
             p_kv = (bos + o_p) * H + i_h
-            # [BK, BD], [BK, BDV]
-            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
-            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
-            # [BT*GP, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-            b_s = tl.where(m_s, b_s, float('-inf'))
-            b_mn = tl.maximum(b_mi, tl.max(b_s, 1))
-            # rows that see nothing of this sub-tile keep their state (alpha 1, p 0), also while still at -inf
-            b_alpha = tl.where(b_mn == float('-inf'), 1., tl.exp2(b_mi - b_mn))
-            b_p = tl.where(m_s, tl.exp2(b_s - b_mn[:, None]), 0.)
-            b_li = b_li * b_alpha + tl.sum(b_p, 1)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-            b_mi = b_mn
-            if LIN:
-                # [BK, BF]
-                b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :],
-                               other=0.).to(CDT)
-                b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
-                b_lin += tl.dot(b_w.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-                b_ms += tl.sum(b_w, 1)
+            # rows that see nothing of this sub-tile keep their state
+            b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
+                b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
+                qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
             b_cnt += tl.sum(m_s.to(tl.int32), 1)
     # every valid row sees at least itself (its own block is always selected)
     b_li = tl.where(m_r, b_li, 1.)
@@ -535,12 +533,7 @@ def spla_fwd_kernel_sparse_union(
         tl.store(lse + p_row, b_mi + tl.log2(b_li), mask=m_r)
     # residual = global - selected, exactly 0 where every visible token is selected (counted per row)
     empty = b_cnt == r_t + 1
-    if LIN:
-        b_gl = tl.load(glob + p_row[:, None] * DV + o_v[None, :], mask=m_o, other=0.)
-        b_gm = tl.load(glob_mass + p_row, mask=m_r, other=0.)
-    else:
-        b_gl = tl.zeros([BT * GP, BDV], dtype=tl.float32)
-        b_gm = tl.zeros([BT * GP], dtype=tl.float32)
+    b_gl, b_gm = _global_rows(glob, glob_mass, p_row, o_v, m_o, m_r, DV, BT * GP, BDV, LIN)
     b_r = tl.where(empty[:, None], 0., b_gl - b_lin)
     b_rm = tl.where(empty, 0., b_gm - b_ms)
     tl.store(o_rla + p_row[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_o)
