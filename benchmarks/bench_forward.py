@@ -3,8 +3,11 @@
 
     python benchmarks/bench_forward.py [--T 4096 8192 ...] [--heads 32,8 64,4] [--out DIR]
     python benchmarks/bench_forward.py --sweep-sparse --T 65536   # the sparse stage's launch settings only
+    python benchmarks/bench_forward.py --data local ...             # queries with a real model's locality
 
-B=1, bf16, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key, softmax2), random data,
+B=1, bf16, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key, softmax2), random data
+(``--data random``: N(0, 1); ``--data local``: AR(1) queries whose selection is as local as SmolLM2's, k, v N(0, 1),
+``benchmarks/inputs.py``),
 ``triton.testing.do_bench`` medians. Per stage: block statistics, selection (scoring + top-k), global linear
 attention (feature maps + chunked state), sparse attention with the fused selected-linear term and residual.
 FLOPs are counted from the actual selection (keys visited, candidates scored); the floor is
@@ -12,7 +15,8 @@ FLOPs are counted from the actual selection (keys visited, candidates scored); t
 ``topk_attn``: SPLA's top-k branch alone (no linear branch). FlexAttention: compiled ``flex_attention`` under a causal block-sparse mask of the same token budget, given in
 advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_vs_flex`` = our sparse stage / it.
 ``sparse_union_ms``: the query-tile union stage (``SPARSE_PATH="union"``), with ``union_blocks`` the mean union of
-selected blocks per tile on this (random) data.
+selected blocks per tile on this data, ``union_tiles`` the fraction of (tile, KV head) pairs under the fallback
+threshold ``UNION_MAX_LOAD`` (the rest run token-major) and ``sparse_union_all_ms`` the time without the fallback.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from inputs import DATA, attention_inputs
 from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-from spla.ops.spla.parallel import (LINEAR_CHUNK, _prepare_meta, _tile_unions, _topk_tile, block_stats_fwd,
-                                    dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd, sparse_union_fwd)
+from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _prepare_meta, _tile_unions, _topk_tile,
+                                    block_stats_fwd, dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd,
+                                    sparse_union_fwd)
 
 BS, TOPK, SINK, LOCAL, R = 64, 16, 1, 2, 1
 
@@ -78,15 +84,12 @@ def count(T, HQ, H, D, Dv, Fd, indices):
 SELECT_CHUNKS = (16, 32, 64)
 
 
-def run_one(T, HQ, H, D, peak, bw, rows):
-    torch.manual_seed(0)
+def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
     dt = torch.bfloat16
-    q = torch.randn(1, T, HQ, D, device="cuda", dtype=dt)
-    k = torch.randn(1, T, H, D, device="cuda", dtype=dt)
-    v = torch.randn(1, T, H, D, device="cuda", dtype=dt)
+    q, k, v = attention_inputs(1, T, HQ, H, D, data=data, dtype=dt)
     G = HQ // H
     scale = D ** -0.5
-    rec = dict(T=T, HQ=HQ, H=H, D=D)
+    rec = dict(T=T, HQ=HQ, H=H, D=D, data=data)
     opts = dict(block_size=BS, topk=TOPK, sink_blocks=SINK, local_blocks=LOCAL, rep_keys=R)
     with torch.no_grad():
         total = bench(lambda: spla_attn(q, k, v, backend="triton", **opts))
@@ -125,10 +128,15 @@ def run_one(T, HQ, H, D, peak, bw, rows):
         rec["sparse_attn_only_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, lin=False, **sp))
         rec["sparse_alt_ms"] = bench(lambda: alt_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp), rep=50)
         # the query-tile union stage (parallel.SPARSE_PATH="union"): its time, and the mean union per tile in
-        # blocks (random data: adjacent tokens share only the forced blocks; see bench_locality.py)
+        # blocks (random data: adjacent tokens share only the forced blocks; see bench_locality.py), the fraction
+        # of (tile, KV head) pairs the union kernel serves (the others run token-major), and without the fallback
         rec["sparse_union_ms"] = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile, **sp),
                                        rep=20)
-        rec["union_blocks"] = _tile_unions(idx, meta, tile)[1].float().mean().item()
+        ucount = _tile_unions(idx, meta, tile)[1]
+        rec["union_blocks"] = ucount.float().mean().item()
+        rec["union_tiles"] = (ucount <= UNION_MAX_LOAD * tile * TOPK).float().mean().item()
+        rec["sparse_union_all_ms"] = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile,
+                                                                    max_load=1.0, **sp), rep=20)
         if T <= TOPK * BS:
             rec["dense_kernels_ms"] = bench(lambda: dense_fwd(q, k, v, block_size=BS, topk=TOPK, scale=scale))
         rec["total_ms"] = total
@@ -176,11 +184,12 @@ def run_one(T, HQ, H, D, peak, bw, rows):
     torch.cuda.empty_cache()
 
 
-COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
+COLS = ["T", "HQ", "H", "data", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
         "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms",
         "select_stats16_ms", "select_stats16_same",
         *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "rows_diff", "slots_diff")),
-        "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "sparse_union_ms", "union_blocks", "dense_kernels_ms"]
+        "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "sparse_union_ms", "union_blocks", "union_tiles",
+        "sparse_union_all_ms", "dense_kernels_ms"]
 
 
 #: launch settings timed by --sweep-sparse (parallel.SPARSE_LAUNCH holds the defaults)
@@ -189,14 +198,14 @@ COLS = ["T", "HQ", "H", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "tota
 SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, True) for r in (64, 128)
                        for w in (4, 8)],
                 "token": [dict(num_warps=4, num_stages=2)],
-                "union": [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2)]}
+                "union": [dict(num_warps=w, num_stages=st, max_load=m) for w in (4, 8) for st in (1, 2)
+                          for m in (0.25, 0.5, 1.0)]}
 
 
-def sweep_sparse(T, HQ, H, D):
+def sweep_sparse(T, HQ, H, D, data="random"):
     """Time the sparse stages (KV-major, token-major, query-tile union) under each setting of SPARSE_SWEEP."""
-    torch.manual_seed(0)
     dt = torch.bfloat16
-    q, k, v = (torch.randn(T, n, D, device="cuda", dtype=dt) for n in (HQ, H, H))
+    q, k, v = (x[0] for x in attention_inputs(1, T, HQ, H, D, data=data, dtype=dt))
     G, scale = HQ // H, D ** -0.5
     tile = _topk_tile(BS, G)
     meta = _prepare_meta((0, T), BS, tile, q.device)
@@ -227,11 +236,11 @@ def sweep_sparse(T, HQ, H, D):
                     st["lin_atomic"] = atomic if path == "kv" else ""
                 ref = o if ref is None else ref
                 err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-                out.append(dict(T=T, HQ=HQ, H=H, path=path, **st, ms=ms, rel_err_vs_first=err))
+                out.append(dict(T=T, HQ=HQ, H=H, data=data, path=path, **st, ms=ms, rel_err_vs_first=err))
                 print(" ".join(f"{n}={x:.4g}" if isinstance(x, float) else f"{n}={x}" for n, x in out[-1].items()),
                       flush=True)
         # the clone of glob / glob_mass (the KV-major path subtracts in place) is inside every timing: time it alone
-        out.append(dict(T=T, HQ=HQ, H=H, path="clone_only", ms=bench(lambda: (glob.clone(), gm.clone()), rep=50)))
+        out.append(dict(T=T, HQ=HQ, H=H, data=data, path="clone_only", ms=bench(lambda: (glob.clone(), gm.clone()), rep=50)))
         print(out[-1], flush=True)
     del q, k, v, fq, fk, glob, gm
     torch.cuda.empty_cache()
@@ -244,6 +253,9 @@ def main():
                     help="only time the sparse stage's launch settings (SPARSE_SWEEP) at the given T and heads")
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--heads", type=str, nargs="+", default=["32,8", "64,4"])
+    ap.add_argument("--data", choices=DATA, default="random",
+                    help="random: N(0, 1) q, k, v; local: AR(1) queries with a real model's selection locality "
+                         "(benchmarks/inputs.py)")
     ap.add_argument("--out", type=str, default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     peak, bw = ceilings()
@@ -255,11 +267,11 @@ def main():
         for hs in args.heads:
             HQ, H = map(int, hs.split(","))
             for T in args.T:
-                rows += sweep_sparse(T, HQ, H, 128)
-        lines = [f"GPU: {name}", "", "| T | HQ/H | path | rows | warps | stages | lin atomic | ms | o_rla rel. err vs first |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                rows += sweep_sparse(T, HQ, H, 128, args.data)
+        lines = [f"GPU: {name}, data: {args.data}", "", "| T | HQ/H | path | rows | warps | stages | lin atomic | union max load | ms | o_rla rel. err vs first |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['T']} | {r['HQ']}/{r['H']} | {r['path']} | {r.get('rows', '')} | {r.get('num_warps', '')} | "
-                  f"{r.get('num_stages', '')} | {r.get('lin_atomic', '')} | {r['ms']:.2f} | "
+                  f"{r.get('num_stages', '')} | {r.get('lin_atomic', '')} | {r.get('max_load', '')} | {r['ms']:.2f} | "
                   f"{r.get('rel_err_vs_first', 0):.1e} |" for r in rows]
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sweep_sparse.md"), "w") as f:
@@ -270,7 +282,7 @@ def main():
         HQ, H = map(int, hs.split(","))
         for T in args.T:
             try:
-                run_one(T, HQ, H, 128, peak, bw, rows)
+                run_one(T, HQ, H, 128, peak, bw, rows, args.data)
             except Exception:
                 traceback.print_exc()
                 torch.cuda.empty_cache()

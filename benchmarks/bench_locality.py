@@ -14,8 +14,10 @@ of natural text (Python standard library sources, concatenated) with dense atten
 attention module projects q and k (post-RoPE, as SPLA sees them) and runs SPLA's selection (torch backend, block
 64, top-16, the library's defaults otherwise). For query tiles of n consecutive tokens (aligned to n) and each KV
 head, it counts the union of the selected blocks. Only tiles whose tokens are all past the dense regime
-(position >= topk x block) count. The same is computed for random N(0, 1) q and k of the same shapes. The table
-gives the mean union in blocks and the load ratio, over layers and heads, with the layers' minimum and maximum.
+(position >= topk x block) count. The same is computed for random N(0, 1) q and k of the same shapes, and for the
+forward benchmark's ``--data local`` inputs (``inputs.py``: AR(1) queries, ``rho = LOCAL_RHO``, N(0, 1) keys): that
+column is the calibration of the synthetic data against the real model. The table gives the mean union in blocks
+and the load ratio, over layers and heads, with the layers' minimum and maximum.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from typing import Dict, List
 import torch
 
 from spla.ops.spla.chunk import chunk_spla_select
+
+try:  # as a script (benchmarks/ on sys.path) or as benchmarks.bench_locality (the tests)
+    from inputs import LOCAL_RHO, ar1
+except ImportError:
+    from benchmarks.inputs import LOCAL_RHO, ar1
 
 BS, TOPK = 64, 16
 OPTS = dict(block_size=BS, topk=TOPK, sink_blocks=1, local_blocks=2, selection="taylor2", cov="diag", rep_keys=1)
@@ -73,14 +80,16 @@ def measure(T: int, tiles: List[int], model, tok) -> dict:
     attn = [layer.self_attn for layer in model.model.layers]
     real: Dict[int, List[torch.Tensor]] = {n: [] for n in tiles}
     rand: Dict[int, List[torch.Tensor]] = {n: [] for n in tiles}
+    local: Dict[int, List[torch.Tensor]] = {n: [] for n in tiles}
     bar = tqdm(total=len(attn), desc=f"T={T}", unit="layer")
     gen = torch.Generator().manual_seed(T)
 
     def probe(layer, module, hidden, cos, sin):
         q, k = _project(module, hidden[0], cos, sin)[:2]
         scale = module.head_dim ** -0.5
-        for store, (qq, kk) in ((real, (q, k)), (rand, (torch.randn(q.shape, generator=gen),
-                                                         torch.randn(k.shape, generator=gen)))):
+        synthetic = [(torch.randn(q.shape, generator=gen), torch.randn(k.shape, generator=gen)) for _ in range(2)]
+        synthetic[1] = (ar1(synthetic[1][0], LOCAL_RHO), synthetic[1][1])
+        for store, (qq, kk) in ((real, (q, k)), (rand, synthetic[0]), (local, synthetic[1])):
             idx = chunk_spla_select(qq[None].float(), kk[None].float(), scale=scale, **OPTS)[0]
             for n, u in union_sizes(idx, tiles).items():
                 store[n].append(u)  # [tiles, H] of this layer
@@ -97,7 +106,7 @@ def measure(T: int, tiles: List[int], model, tok) -> dict:
     res = {"T": T, "tiles": {}}
     for n in tiles:
         row = {}
-        for name, store in (("real", real), ("random", rand)):
+        for name, store in (("real", real), ("random", rand), ("local", local)):
             per_layer = torch.stack([u.mean() for u in store[n]])  # [layers]
             mean = torch.cat([u.flatten() for u in store[n]]).mean()
             row[name] = dict(union=mean.item(), ratio=(mean / (n * TOPK)).item(),
@@ -122,6 +131,8 @@ def plot(results: List[dict], path: str) -> None:
         ax.plot(ns, [r["tiles"][n]["real"]["ratio"] for n in ns], "o-", color="tab:blue", lw=2,
                 label="SmolLM2 activations (mean; faint: each layer)")
         ax.plot(ns, [r["tiles"][n]["random"]["ratio"] for n in ns], "s--", color="tab:red", lw=2, label="random q, k")
+        ax.plot(ns, [r["tiles"][n]["local"]["ratio"] for n in ns], "^-.", color="tab:green", lw=2,
+                label=f"synthetic AR(1) q (rho {LOCAL_RHO}), random k")
         ax.plot(ns, [1 / n for n in ns], ":", color="gray", label="1/n (all tokens of a tile agree)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -151,13 +162,14 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "locality.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lines = ["| T | tile | real: union (blocks) | real: load ratio | layers' min-max | random: union | random: load ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| T | tile | real: union (blocks) | real: load ratio | layers' min-max | random: union | random: load ratio "
+             f"| AR(1) rho {LOCAL_RHO}: union | AR(1): load ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for n, row in r["tiles"].items():
-            re, ra = row["real"], row["random"]
+            re, ra, lo = row["real"], row["random"], row["local"]
             lines.append(f"| {r['T']} | {n} | {re['union']:.1f} | {re['ratio']:.3f} | {re['ratio_min_layer']:.3f}-"
-                         f"{re['ratio_max_layer']:.3f} | {ra['union']:.1f} | {ra['ratio']:.3f} |")
+                         f"{re['ratio_max_layer']:.3f} | {ra['union']:.1f} | {ra['ratio']:.3f} | {lo['union']:.1f} | "
+                         f"{lo['ratio']:.3f} |")
     table = "\n".join(lines)
     with open(os.path.join(a.out, "locality.md"), "w") as f:
         f.write(table + "\n")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU tests, then the benchmarks, logs under $OUT (or ./out).
-#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|decode-tune|generate|backward|model|forward|linear|recall|all]...
+#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|decode-tune|generate|backward|model|forward|union|union-sweep|linear|recall|all]...
 #   (default: all)
 # fla (for the NSA baseline) is taken from ./.whl when present (see docs/benchmarks.md).
 set -uo pipefail
@@ -66,5 +66,12 @@ for w in $what; do
     # the global linear attention's state-pass launch settings (issues 3 and 4), ~2 minutes
     linear) python3 benchmarks/bench_linear.py 2>&1 | tee "$OUT/bench_linear.log" ;;
     forward) python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench_forward.log" ;;
+    # the query-tile union stage (issue 3) at 64k on queries with a real model's locality (--data local): the forward
+    # table (union) and the union's launch settings and fallback threshold beside the other sparse paths
+    # (union-sweep); about 5 minutes each, one device command each
+    union) python3 benchmarks/bench_forward.py --T 65536 --heads 32,8 64,4 --data local --out "$OUT/local" 2>&1 \
+        | tee "$OUT/bench_forward_local.log" ;;
+    union-sweep) python3 benchmarks/bench_forward.py --sweep-sparse --T 65536 --heads 32,8 64,4 --data local \
+        --out "$OUT/local" 2>&1 | tee "$OUT/sweep_sparse_local.log" ;;
   esac
 done

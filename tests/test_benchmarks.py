@@ -104,3 +104,40 @@ def test_locality_union_sizes_count_each_tile_once():
     assert (u[64][:, 0] == 2).all() and (u[64][:, 1] == 11).all()
     with pytest.raises(ValueError, match="no tile"):
         union_sizes(idx[:first + 10], [64])
+
+
+def test_ar1_inputs_follow_the_recurrence():
+    """benchmarks/inputs.py: the chunked AR(1) equals the step-by-step recurrence across chunk boundaries, keeps
+    unit variance and lag-1 correlation rho; attention_inputs gives the shapes and rejects unknown data."""
+    from benchmarks.inputs import ar1, attention_inputs
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(300, 2, 3, generator=g, dtype=torch.float64)
+    rho, a = 0.9, (1 - 0.9 ** 2) ** 0.5
+    ref = torch.empty_like(e)
+    ref[0] = e[0]
+    for t in range(1, 300):
+        ref[t] = rho * ref[t - 1] + a * e[t]
+    assert rel_err(ar1(e, rho, chunk=64).double(), ref) < 1e-6
+    x = ar1(torch.randn(100000, 8, generator=g), 0.985)
+    assert (x.var(0) - 1).abs().max() < 0.15
+    assert ((x[1:] * x[:-1]).mean(0) / x.var(0) - 0.985).abs().max() < 0.01
+    q, k, v = attention_inputs(2, 100, 4, 2, 32, data="local", device="cpu", dtype=torch.float32)
+    assert q.shape == (2, 100, 4, 32) and k.shape == v.shape == (2, 100, 2, 32) and q.is_contiguous()
+    with pytest.raises(ValueError, match="data"):
+        attention_inputs(1, 8, 1, 1, 8, data="zeros", device="cpu")
+    with pytest.raises(ValueError, match="rho"):
+        ar1(e, 1.0)
+
+
+def test_local_inputs_select_locally():
+    """The forward benchmark's ``--data local`` queries make adjacent tokens share their selection: 16-token tiles
+    select far fewer distinct blocks than on random data (SmolLM2 at 8k: 25.5 against 65.6, docs/benchmarks.md)."""
+    from benchmarks.bench_locality import OPTS, union_sizes
+    from benchmarks.inputs import attention_inputs
+    from spla.ops.spla.chunk import chunk_spla_select
+    u = {}
+    for data in ("random", "local"):
+        q, k, _ = attention_inputs(1, 4096, 4, 2, 64, data=data, device="cpu", dtype=torch.float32)
+        idx = chunk_spla_select(q, k, scale=64 ** -0.5, **OPTS)[0]
+        u[data] = union_sizes(idx, [16])[16].mean().item()
+    assert u["local"] < 30 < 36 < u["random"], u

@@ -125,18 +125,22 @@ def test_parallel_sparse_paths(path, monkeypatch):
     _check(tri, ref, 2e-5, f"{path} ")
 
 
-@pytest.mark.parametrize("T,HQ,H,D,Dv,cu,residual,grads", [
-    (130, 3, 1, 64, 64, (0, 29, 29, 100, 130), True, True),  # packed, odd lengths, an empty sequence, G = 3
-    (99, 8, 1, 128, 64, None, True, False),  # G = 8, D = 128, Dv != D
-    (83, 2, 2, 64, 64, None, True, False),  # G = 1 (64-token tiles)
-    (77, 4, 2, 64, 64, None, False, False),  # topk_attn: no linear branch
+@pytest.mark.parametrize("T,HQ,H,D,Dv,cu,residual,grads,load", [
+    # packed, odd lengths, an empty sequence, G = 3; unions of up to 3 blocks per 16-token tile take the union
+    # kernel, the larger ones the token-major fallback (both occur: asserted)
+    (130, 3, 1, 64, 64, (0, 29, 29, 100, 130), True, True, 3 / 64),
+    (99, 8, 1, 128, 64, None, True, False, None),  # G = 8, D = 128, Dv != D
+    (83, 2, 2, 64, 64, None, True, False, 0.0),  # G = 1 (64-token tiles), every tile token-major
+    (77, 4, 2, 64, 64, None, False, False, None),  # topk_attn: no linear branch
 ])
-def test_union_path(T, HQ, H, D, Dv, cu, residual, grads, monkeypatch):
+def test_union_path(T, HQ, H, D, Dv, cu, residual, grads, load, monkeypatch):
     """The query-tile union stage (``SPARSE_PATH="union"``) against the torch backend: outputs and (through the
-    saved log-sum-exp) the gradients of all five inputs."""
+    saved log-sum-exp) the gradients of all five inputs; ``load``: its fallback threshold ``UNION_MAX_LOAD``."""
     import spla.ops.spla.parallel as P
     from spla import topk_attn
     monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    if load is not None:
+        monkeypatch.setattr(P, "UNION_MAX_LOAD", load)
     inputs = _inputs(1, T, HQ, H, D, Dv=Dv, seed=T + HQ, requires_grad=grads)
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64, device=DEVICE)
     opts = dict(block_size=16, topk=4, rep_keys=1, cu_seqlens=cu_t)
@@ -144,12 +148,29 @@ def test_union_path(T, HQ, H, D, Dv, cu, residual, grads, monkeypatch):
     tri = fn(*inputs, backend="triton", **opts)  # fresh buffers are poisoned (conftest): unwritten rows would show
     ref = fn(*inputs, backend="torch", **opts)
     _check(tri, ref, 2e-5, "union ")
+    if load is not None and load > 0:  # the threshold splits the tiles: both kernels ran
+        tile = P._topk_tile(16, HQ // H)
+        meta = P._prepare_meta(tuple(cu) if cu else (0, T), 16, tile, DEVICE)
+        ucount = P._tile_unions(ref.indices.reshape(T, H, 4), meta, tile)[1]
+        work, fallback = P._union_split(ucount, meta, tile, load * tile * 4)
+        assert work.numel() > 0 and fallback.numel() > 0
     if grads:
         w = [torch.randn_like(getattr(ref, n)) for n in OUTS]
         g_tri = torch.autograd.grad(sum((getattr(tri, n) * x).sum() for n, x in zip(OUTS, w)), inputs)
         g_ref = torch.autograd.grad(sum((getattr(ref, n) * x).sum() for n, x in zip(OUTS, w)), inputs)
         for name, a, b in zip(("q", "k", "v", "q_lin", "k_lin"), g_tri, g_ref):
             assert_close(f"d{name}", b, a, 1e-4)
+
+
+def test_union_split():
+    """The fallback split: (tile, head) pairs with small unions, and every token (not past its sequence) of the
+    others, per head."""
+    import spla.ops.spla.parallel as P
+    meta = P._prepare_meta((0, 5, 8), 16, 4, "cpu")  # tiles: [0, 4), [4, 5), [5, 8) (sequence 2 at token 5)
+    ucount = torch.tensor([[3, 9], [1, 2], [8, 1]], dtype=torch.int32)  # [NQ=3, H=2]
+    work, fb = P._union_split(ucount, meta, 4, 4.0)
+    assert work.tolist() == [0, 2, 3, 5]  # tile * H + head
+    assert fb.tolist() == [t * 2 + 1 for t in range(4)] + [t * 2 for t in (5, 6, 7)]  # token * H + head
 
 
 def test_tile_unions():

@@ -59,6 +59,10 @@ LINEAR_CHUNK = 64
 # loads the union of its tokens' blocks once; written 2026-12-04, CPU-tested, not yet timed on a GPU) or "auto"
 # (token for G >= 8, else kv; measured on H100 and H200)
 SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
+# the union stage's fallback: a (query tile, KV head) whose union of selected blocks exceeds this fraction of
+# tile x topk runs token-major (sparse_union_fwd). Break-even of the score FLOPs at 0.25; 0.5 assumes the token
+# kernel's repeated block loads cost as much again. A guess, not yet timed on a GPU
+UNION_MAX_LOAD = 0.5
 # where every block is selected (T <= topk * block_size, no cu_seqlens, Dv == D, CUDA) SPLA is causal attention
 # with a zero residual: run torch's SDPA (flash) instead of the sparse kernels
 DENSE_FAST_PATH = True
@@ -317,6 +321,19 @@ def _global_rows(glob, glob_mass, p_row, o_v, m_o, m_g, DV: tl.constexpr, GP: tl
 
 
 @triton.jit
+def _query_rows(q, fq, p_row, m_r, o_d, m_d, o_f, m_f, D: tl.constexpr, F: tl.constexpr, CDT: tl.constexpr,
+                LIN: tl.constexpr):
+    """Query rows ``p_row`` (``m_r`` real) of q `[rows, BD]` and phi(q) `[rows, BF]` in the compute dtype; without
+    the linear branch phi(q) is not read (q is returned in its place, unused)."""
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.).to(CDT)
+    if LIN:
+        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.).to(CDT)
+    else:
+        b_fq = b_q
+    return b_q, b_fq
+
+
+@triton.jit
 def _attend_subtile(b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
                     qk_scale, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DOT_PREC: tl.constexpr,
                     CDT: tl.constexpr, LIN: tl.constexpr):
@@ -355,6 +372,7 @@ def spla_fwd_kernel_sparse(
     glob_mass,  # [T, HQ] fp32
     indices,  # [T, H, TOPK] int32
     tok_bos,  # [T] int64 first token of each token's sequence
+    work,  # [NW] int64 (token) * H + (KV head) of each program, if WORK (else unread: the grid is (T, H))
     o,  # [T, HQ, DV]
     o_rla,  # [T, HQ, DV]
     rla_mass,  # [T, HQ] fp32
@@ -378,8 +396,13 @@ def spla_fwd_kernel_sparse(
     CDT: tl.constexpr,
     LIN: tl.constexpr = True,
     STORE_LSE: tl.constexpr = False,
+    WORK: tl.constexpr = False,
 ):
-    i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    if WORK:
+        e = tl.load(work + tl.program_id(0)).to(tl.int64)
+        i_t, i_h = e // H, e % H
+    else:
+        i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos = tl.load(tok_bos + i_t).to(tl.int64)
     pos = i_t - bos
     o_g = tl.arange(0, GP)
@@ -387,13 +410,8 @@ def spla_fwd_kernel_sparse(
     o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
     p_row = i_t * HQ + i_h * G + o_g
-    # [GP, BD]
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(CDT)
-    if LIN:
-        # [GP, BF]
-        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_g[:, None] & m_f[None, :], other=0.).to(CDT)
-    else:
-        b_fq = b_q  # unread
+    # [GP, BD], [GP, BF]
+    b_q, b_fq = _query_rows(q, fq, p_row, m_g, o_d, m_d, o_f, m_f, D, F, CDT, LIN)
     # [BTOPK]
     o_i = tl.arange(0, BTOPK)
     b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
@@ -445,6 +463,7 @@ def spla_fwd_kernel_sparse_union(
     indices,  # [T, H, TOPK] int32
     ulist,  # [NQ, H, UMAX] int32 the union of the tile's selected blocks, ascending, then padding
     ucount,  # [NQ, H] int32 its length
+    work,  # [NW] int64 (tile) * H + (KV head) of each program
     tile_bos,  # [NQ] int64 first token of the tile's sequence
     tile_t0,  # [NQ] int64 the tile's first position in its sequence
     tile_len,  # [NQ] int64 the sequence's length
@@ -479,7 +498,8 @@ def spla_fwd_kernel_sparse_union(
     its token selected the block (and causally). Per row the blocks come in the same ascending order as in
     ``spla_fwd_kernel_sparse`` (a block a row did not select leaves its online softmax unchanged), and the
     outputs are written directly: no partials, no atomics."""
-    i_n, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    e = tl.load(work + tl.program_id(0)).to(tl.int64)
+    i_n, i_h = e // H, e % H
     bos = tl.load(tile_bos + i_n).to(tl.int64)
     t0 = tl.load(tile_t0 + i_n).to(tl.int64)
     L = tl.load(tile_len + i_n).to(tl.int64)
@@ -490,13 +510,8 @@ def spla_fwd_kernel_sparse_union(
     p_row = (bos + r_t) * HQ + i_h * G + r_g
     o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
-    # [BT*GP, BD]
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.).to(CDT)
-    if LIN:
-        # [BT*GP, BF]
-        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.).to(CDT)
-    else:
-        b_fq = b_q  # unread
+    # [BT*GP, BD], [BT*GP, BF]
+    b_q, b_fq = _query_rows(q, fq, p_row, m_r, o_d, m_d, o_f, m_f, D, F, CDT, LIN)
     # each row's selection [BT*GP, BTOPK]
     o_i = tl.arange(0, BTOPK)
     b_sel = tl.load(indices + ((bos + r_t) * H + i_h)[:, None] * TOPK + o_i[None, :],
@@ -602,11 +617,8 @@ def spla_fwd_kernel_sparse_kv(
     o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
     p_row = b_t * HQ + i_h * G + r_g
-    # [BQ*GP, BD]
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.).to(CDT)
-    if LIN:
-        # [BQ*GP, BF]
-        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.).to(CDT)
+    # [BQ*GP, BD], [BQ*GP, BF]
+    b_q, b_fq = _query_rows(q, fq, p_row, m_r, o_d, m_d, o_f, m_f, D, F, CDT, LIN)
     qk_scale = scale * 1.44269504
     b_m = tl.full([BQ * GP], float('-inf'), dtype=tl.float32)
     b_l = tl.zeros([BQ * GP], dtype=tl.float32)
@@ -618,26 +630,11 @@ def spla_fwd_kernel_sparse_kv(
         o_p = s0 + o_s
         m_p = o_p < n_b
         p_kv = (t_b + o_p) * H + i_h
-        # [BK, BD], [BK, BDV]
-        b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
-        b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
-        # causal: key t_b + p visible to token t when t_b + p <= t; [BQ*GP, BK]
+        # causal: key t_b + p visible to token t when t_b + p <= t; [BQ*GP, BK] (a row can see none of a sub-tile)
         m_s = m_p[None, :] & ((t_b + o_p)[None, :] <= b_t[:, None])
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-        b_s = tl.where(m_s, b_s, float('-inf'))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_mn = tl.where(b_mn == float('-inf'), 0., b_mn)
-        b_alpha = tl.exp2(b_m - b_mn)
-        b_p = tl.where(m_s, tl.exp2(b_s - b_mn[:, None]), 0.)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(CDT), b_v, input_precision=DOT_PREC)
-        b_m = b_mn
-        if LIN:
-            # [BK, BF]
-            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.).to(CDT)
-            b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
-            b_lin += tl.dot(b_w.to(CDT), b_v, input_precision=DOT_PREC)
-            b_ms += tl.sum(b_w, 1)
+        b_m, b_l, b_acc, b_lin, b_ms = _attend_subtile(
+            b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_m, b_l, b_acc, b_lin, b_ms, qk_scale,
+            D, DV, F, DOT_PREC, CDT, LIN)
     # every entry sees at least the first key of its block, so b_l > 0 on valid rows
     b_l = tl.where(m_r, b_l, 1.)
     p_e = (b_e - e0) * G + r_g
@@ -830,27 +827,34 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
 
 
 def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True,
-               lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None):
+               lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+               work: Optional[torch.Tensor] = None, out: Optional[tuple] = None):
     """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
     Token-major: one program per (token, KV head). Launch settings default to :data:`SPARSE_LAUNCH`.
 
     ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
     ``lse``: an fp32 `[T, HQ]` buffer that receives the log2-sum-exp2 of the scaled scores (for the backward).
+    ``work``: int64 ``token * H + KV head`` of the only (token, KV head) pairs to compute, written into the
+    buffers ``out = (o, o_rla, rla_mass)`` (the union stage's fallback); default every pair, new buffers.
     """
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G = HQ // H
     topk = indices.shape[-1]
-    o = q.new_empty(T, HQ, DV)
-    o_rla = q.new_empty(T, HQ, DV)
-    rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
-    spla_fwd_kernel_sparse[(T, H)](
-        q, k, v, fq, fk, glob, glob_mass, indices, meta["tok_bos"], o, o_rla, rla_mass,
-        rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
-        BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
-        BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
-        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
-        num_warps=num_warps or SPARSE_LAUNCH["token_warps"], num_stages=num_stages or SPARSE_LAUNCH["token_stages"])
+    if out is None:
+        out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
+    o, o_rla, rla_mass = out
+    grid = (T, H) if work is None else (work.numel(), 1)
+    if grid[0] > 0:
+        spla_fwd_kernel_sparse[grid](
+            q, k, v, fq, fk, glob, glob_mass, indices, meta["tok_bos"], meta["tok_bos"] if work is None else work,
+            o, o_rla, rla_mass, rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G,
+            GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
+            BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
+            BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
+            DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
+            WORK=work is not None, num_warps=num_warps or SPARSE_LAUNCH["token_warps"],
+            num_stages=num_stages or SPARSE_LAUNCH["token_stages"])
     return o, o_rla, rla_mass
 
 
@@ -872,33 +876,58 @@ def _tile_unions(indices: torch.Tensor, meta: dict, tile: int):
     return ids.contiguous(), (ids < big).sum(-1, dtype=torch.int32)
 
 
+def _union_split(ucount: torch.Tensor, meta: dict, tile: int, cap: float):
+    """Split the (query tile, KV head) pairs of the union stage: those whose union has at most ``cap`` blocks
+    (int64 ``tile * H + head``), and the (token, KV head) pairs of the others (int64 ``token * H + head``)."""
+    NQ, H = ucount.shape
+    small = (ucount <= cap).view(-1)
+    pairs = torch.arange(NQ * H, device=ucount.device)
+    big = pairs[~small]
+    n, h = big // H, big % H
+    cnt = torch.clamp(meta["tile_len"][n] - meta["tile_t0"][n], max=tile)
+    first = meta["tile_bos"][n] + meta["tile_t0"][n]
+    total = int(cnt.sum())
+    start = torch.cumsum(cnt, 0) - cnt
+    local = torch.arange(total, device=ucount.device) - torch.repeat_interleave(start, cnt, output_size=total)
+    tok = torch.repeat_interleave(first, cnt, output_size=total) + local
+    return pairs[small], tok * H + torch.repeat_interleave(h, cnt, output_size=total)
+
+
 def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, tile: int,
                      lin: bool = True, lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
-                     num_stages: Optional[int] = None):
+                     num_stages: Optional[int] = None, max_load: Optional[float] = None):
     """Query-tile sparse stage (``spla_fwd_kernel_sparse_union``): per tile of ``tile`` consecutive tokens (the
     selection's tiles, ``meta``) and KV head, the union of their selected blocks is loaded once for all their rows.
     Returns (o, o_rla, rla_mass) as :func:`sparse_fwd`; the same outputs up to rounding. It reads
     ``union / (tile x topk)`` of the K/V the token-major stage reads (2-10% for 64-16 token tiles on a real
-    model's activations, ``benchmarks/bench_locality.py``) and computes scores over the whole union."""
+    model's activations, ``benchmarks/bench_locality.py``) and computes scores over the whole union.
+
+    ``max_load`` (default :data:`UNION_MAX_LOAD`): a (tile, KV head) whose union exceeds ``max_load x tile x topk``
+    blocks runs token-major instead (:func:`sparse_fwd` on its tokens): its rows would compute scores against
+    ``4 x max_load`` times the keys the token-major kernel's 16-row tiles do. 0 sends every tile token-major,
+    1 none."""
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G = HQ // H
     topk = indices.shape[-1]
     ulist, ucount = _tile_unions(indices, meta, tile)
-    o = q.new_empty(T, HQ, DV)
-    o_rla = q.new_empty(T, HQ, DV)
-    rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
-    NQ = meta["tile_bos"].numel()
-    spla_fwd_kernel_sparse_union[(NQ, H)](
-        q, k, v, fq, fk, glob, glob_mass, indices, ulist, ucount, meta["tile_bos"], meta["tile_t0"], meta["tile_len"],
-        o, o_rla, rla_mass, rla_mass if lse is None else lse, scale,
-        HQ=HQ, H=H, G=G, GP=triton.next_power_of_2(G), D=D, BD=triton.next_power_of_2(D), DV=DV,
-        BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
-        BK=max(16, min(64, triton.next_power_of_2(block_size))), BT=tile, TOPK=topk,
-        BTOPK=triton.next_power_of_2(topk), UMAX=ulist.shape[-1], DOT_PREC=_dot_prec(q.dtype),
-        CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
-        num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
-    return o, o_rla, rla_mass
+    work, fallback = _union_split(ucount, meta, tile, (UNION_MAX_LOAD if max_load is None else max_load) * tile * topk)
+    out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
+    o, o_rla, rla_mass = out
+    if work.numel() > 0:
+        spla_fwd_kernel_sparse_union[(work.numel(),)](
+            q, k, v, fq, fk, glob, glob_mass, indices, ulist, ucount, work, meta["tile_bos"], meta["tile_t0"],
+            meta["tile_len"], o, o_rla, rla_mass, rla_mass if lse is None else lse, scale,
+            HQ=HQ, H=H, G=G, GP=triton.next_power_of_2(G), D=D, BD=triton.next_power_of_2(D), DV=DV,
+            BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
+            BK=max(16, min(64, triton.next_power_of_2(block_size))), BT=tile, TOPK=topk,
+            BTOPK=triton.next_power_of_2(topk), UMAX=ulist.shape[-1], DOT_PREC=_dot_prec(q.dtype),
+            CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
+            num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
+    if fallback.numel() > 0:
+        sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale, lin=lin,
+                   lse=lse, work=fallback, out=out)
+    return out
 
 
 # bytes of per-(token, block) partials the KV-major path keeps at once (attention outputs in the input dtype and
