@@ -144,6 +144,56 @@ def _fp32_grads_on_indices(inputs, indices, bs, fmap, ws):
                              feature_map_name=fmap)
 
 
+# T, HQ, H, D, Dv, cu_seqlens, UNION_MAX_LOAD (None: the default), residual
+UNION_CASES = [
+    (83, 4, 2, 64, 64, None, 3 / 32, True),  # G = 2 (32-token tiles): small unions take the union kernel, large
+    # ones the token-major fallback (both occur: asserted)
+    (91, 3, 1, 128, 64, (0, 37, 37, 91), None, True),  # G = 3, D = 128, packed with an empty sequence
+    (67, 8, 1, 64, 32, None, None, False),  # G = 8 (8-token tiles), no linear branch (topk_attn)
+]
+
+
+@pytest.mark.parametrize("T,HQ,H,D,Dv,cu,load,residual", UNION_CASES)
+def test_union_backward_vs_torch(T, HQ, H, D, Dv, cu, load, residual, monkeypatch):
+    """``SPARSE_PATH="union"``: the query-tile backward (``spla_bwd_kernel_sparse_union`` with its token-major
+    fallback) gives the torch backend's fp32 gradients, with both key-gradient passes (its atomic variant adds
+    dk, dv, dphi(k) per union block)."""
+    from spla import topk_attn
+    monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    if load is not None:
+        monkeypatch.setattr(P, "UNION_MAX_LOAD", load)
+    inputs = _inputs(T, HQ, H, D, Dv=Dv, seed=T + 1)
+    opts = dict(block_size=16, topk=3, sink_blocks=1, local_blocks=1, selection="oracle",
+                cu_seqlens=None if cu is None else torch.tensor(cu, device=DEVICE))
+    if residual:
+        tri, grads = _triton_grads_both(inputs, opts, monkeypatch)
+        ref, ref_grads = _grads(inputs, "torch", opts)
+        names = NAMES
+    else:
+        leaves = [x.clone().requires_grad_() for x in inputs[:3]]
+        tri = topk_attn(*leaves, backend="triton", **opts)
+        ref_leaves = [x.clone().requires_grad_() for x in inputs[:3]]
+        ref = spla_attn(*ref_leaves, backend="torch", **opts)
+        w = torch.randn(ref.o_sparse.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        ref_grads = torch.autograd.grad((ref.o_sparse * w).sum(), ref_leaves)
+        grads = {}
+        for det in (True, False):
+            monkeypatch.setattr(P, "DETERMINISTIC", det)
+            grads[det] = torch.autograd.grad((tri.o_sparse * w).sum(), leaves, retain_graph=True)
+        names = NAMES[:3]
+    assert torch.equal(tri.indices, ref.indices)
+    if load is not None:  # the threshold splits the tiles: both query-side kernels ran
+        tile = P._topk_tile(16, HQ // H)
+        meta = P._prepare_meta(tuple(cu) if cu else (0, T), 16, tile, DEVICE)
+        ucount = P._tile_unions(ref.indices.reshape(T, H, -1), meta, tile)[1]
+        work, fallback = P._union_split(ucount, meta, tile, load * tile * 3)
+        assert work.numel() > 0 and fallback.numel() > 0
+    for det, gs in grads.items():
+        for n, a, b in zip(names, gs, ref_grads):
+            assert b.abs().sum() > 0, f"{n}: reference gradient is zero, the case tests nothing"
+            assert_close(f"union {'det' if det else 'atomic'} d{n}", b, a, 2e-5)
+
+
 @pytest.mark.gpu
 def test_gpu_backward_vs_torch(monkeypatch):
     """fp32 on the GPU at T=2051, GQA 4, blocks of 64, top-16: vs the torch backend on the same indices."""
@@ -176,6 +226,33 @@ def test_gpu_backward_bf16_32k(det, monkeypatch):
         err = rel_err(x.grad.float(), b)
         print(f"d{n}: relative error {err:.2e}")
         assert err <= 3e-2, f"d{n}: relative error {err:.3e} > 3e-2"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("HQ,H", [(32, 8), (64, 4)])
+def test_gpu_union_backward_agrees(HQ, H, monkeypatch):
+    """bf16 at 8k on queries with a real model's locality (AR(1), benchmarks/inputs.py) and random keys: the
+    union path (forward and backward, with the token-major fallback for large unions) gives the default path's
+    outputs and gradients (both deterministic)."""
+    from benchmarks.inputs import ar1
+    q, k, v, ql, kl = _gpu_inputs(8192, HQ, H, 128, torch.float32, seed=9)
+    q = ar1(q[0], 0.985)[None]
+    inputs = [x.to(torch.bfloat16) for x in (q, k, v, ql, kl)]
+    res = {}
+    for path in ("auto", "union"):
+        monkeypatch.setattr(P, "SPARSE_PATH", path)
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = spla_attn(*leaves, backend="triton", block_size=64, topk=16)
+        _loss(out, _weights(out)).backward()
+        res[path] = (out, [x.grad for x in leaves])
+    (a, ga), (b, gb) = res["union"], res["auto"]
+    assert torch.equal(a.indices, b.indices)
+    for n in ("o_sparse", "o_rla"):
+        assert rel_err(getattr(a, n).float(), getattr(b, n).float()) < 1e-2, n
+    for n, x, y in zip(NAMES, ga, gb):
+        err = rel_err(x.float(), y.float())
+        print(f"d{n}: union vs default {err:.2e}")
+        assert err < 1e-2, n
 
 
 @pytest.mark.gpu

@@ -1141,6 +1141,43 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
 KV_CAP = 4096
 
 
+@triton.jit
+def _grad_subtile(b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, p_kv, m_p, m_s, o_d, m_d, o_v,
+                  m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+                  DOT_PREC: tl.constexpr, CDT: tl.constexpr, LIN: tl.constexpr, ATOMIC: tl.constexpr):
+    """One key sub-tile of the query-side backward for a set of rows: loads K, V (and phi(k)) of keys ``p_kv``
+    (``m_p`` real), recomputes p from the saved log-sum-exp under the row x key mask ``m_s``, and accumulates dq
+    (unscaled) and the selected linear term's dphi(q). ``ATOMIC``: also adds the keys' dk, dv, dphi(k) with fp32
+    atomics (summed over the rows first). Returns (dq, dphi(q))."""
+    b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+    b_k = b_k.to(tl.float32).to(CDT)
+    b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
+    b_v = b_v.to(tl.float32).to(CDT)
+    # [rows, BK]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
+    b_dp = tl.dot(b_doc, tl.trans(b_v), input_precision=DOT_PREC)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq += tl.dot(b_ds.to(CDT), b_k, input_precision=DOT_PREC)
+    if LIN:
+        b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
+        b_fk = b_fk.to(tl.float32).to(CDT)
+        b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
+        b_dw = tl.where(m_s, tl.dot(b_ac, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
+        b_dfq += tl.dot(b_dw.to(CDT), b_fk, input_precision=DOT_PREC)
+    if ATOMIC:
+        b_dkt = tl.dot(tl.trans(b_ds.to(CDT)), b_q, input_precision=DOT_PREC) * scale
+        b_dvt = tl.dot(tl.trans(b_p.to(CDT)), b_doc, input_precision=DOT_PREC)
+        tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dkt, mask=m_p[:, None] & m_d[None, :], sem='relaxed')
+        if LIN:
+            b_dvt += tl.dot(tl.trans(b_w.to(CDT)), b_ac, input_precision=DOT_PREC)
+            b_dfkt = tl.dot(tl.trans(b_dw.to(CDT)), b_fq, input_precision=DOT_PREC)
+            tl.atomic_add(dfk + p_kv[:, None] * F + o_f[None, :], b_dfkt, mask=m_p[:, None] & m_f[None, :],
+                          sem='relaxed')
+        tl.atomic_add(dv + p_kv[:, None] * DV + o_v[None, :], b_dvt, mask=m_p[:, None] & m_v[None, :], sem='relaxed')
+    return b_dq, b_dfq
+
+
 @triton.jit(do_not_specialize=['scale'])
 def spla_bwd_kernel_sparse(
     q,  # [T, HQ, D]
@@ -1156,6 +1193,7 @@ def spla_bwd_kernel_sparse(
     live,  # [T, H] fp32
     indices,  # [T, H, TOPK] int32
     tok_bos,  # [T] int64
+    work,  # [NW] int64 (token) * H + (KV head) of each program, if WORK (else unread: the grid is (T, H))
     dq,  # [T, HQ, D] out (q's dtype)
     dfq,  # [T, HQ, F] fp32: holds the global term's gradient, the selected term's is added
     delta,  # [T, HQ] fp32 out: do·o (read by the KV-major pass)
@@ -1181,10 +1219,15 @@ def spla_bwd_kernel_sparse(
     CDT: tl.constexpr,
     ATOMIC: tl.constexpr,
     LIN: tl.constexpr = True,
+    WORK: tl.constexpr = False,
 ):
     """Token-major backward: one program per token and KV head (its G heads as the rows of tl.dot).
     ``LIN=False``: no linear branch (top-k sparse attention only): fq, fk, do_rla, drla_mass, dfq, dfk unread."""
-    i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    if WORK:
+        e = tl.load(work + tl.program_id(0)).to(tl.int64)
+        i_t, i_h = e // H, e % H
+    else:
+        i_t, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     bos = tl.load(tok_bos + i_t).to(tl.int64)
     pos = i_t - bos
     o_g = tl.arange(0, GP)
@@ -1206,6 +1249,8 @@ def spla_bwd_kernel_sparse(
         b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32) * b_live
         b_b = -tl.load(drla_mass + p_row, mask=m_g, other=0.) * b_live
         b_ac = b_a.to(CDT)
+    else:  # unread
+        b_fq, b_ac, b_b = b_q, b_doc, b_delta
 
     o_i = tl.arange(0, BTOPK)
     b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
@@ -1219,40 +1264,120 @@ def spla_bwd_kernel_sparse(
         for s0 in range(0, BS, BK):
             o_p = j * BS + s0 + o_s
             m_p = ((s0 + o_s) < BS) & (o_p <= pos)
-            m_s = m_g[:, None] & m_p[None, :]
-            p_kv = (bos + o_p) * H + i_h
-            b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
-            b_k = b_k.to(tl.float32).to(CDT)
-            b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
-            b_v = b_v.to(tl.float32).to(CDT)
-            # [GP, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
-            b_dp = tl.dot(b_doc, tl.trans(b_v), input_precision=DOT_PREC)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(CDT), b_k, input_precision=DOT_PREC)
-            if LIN:
-                b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
-                b_fk = b_fk.to(tl.float32).to(CDT)
-                b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
-                b_dw = tl.where(m_s, tl.dot(b_ac, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
-                b_dfq += tl.dot(b_dw.to(CDT), b_fk, input_precision=DOT_PREC)
-            if ATOMIC:
-                b_dkt = tl.dot(tl.trans(b_ds.to(CDT)), b_q, input_precision=DOT_PREC) * scale
-                b_dvt = tl.dot(tl.trans(b_p.to(CDT)), b_doc, input_precision=DOT_PREC)
-                tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dkt, mask=m_p[:, None] & m_d[None, :],
-                              sem='relaxed')
-                if LIN:
-                    b_dvt += tl.dot(tl.trans(b_w.to(CDT)), b_ac, input_precision=DOT_PREC)
-                    b_dfkt = tl.dot(tl.trans(b_dw.to(CDT)), b_fq, input_precision=DOT_PREC)
-                    tl.atomic_add(dfk + p_kv[:, None] * F + o_f[None, :], b_dfkt,
-                                  mask=m_p[:, None] & m_f[None, :], sem='relaxed')
-                tl.atomic_add(dv + p_kv[:, None] * DV + o_v[None, :], b_dvt, mask=m_p[:, None] & m_v[None, :],
-                              sem='relaxed')
+            b_dq, b_dfq = _grad_subtile(
+                b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p,
+                m_g[:, None] & m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F,
+                DOT_PREC, CDT, LIN, ATOMIC)
     tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_gd)
     if LIN:
         p_fq = dfq + p_row[:, None] * F + o_f[None, :]
         tl.store(p_fq, tl.load(p_fq, mask=m_gf, other=0.) + b_dfq, mask=m_gf)
+
+
+@triton.jit(do_not_specialize=['scale'])
+def spla_bwd_kernel_sparse_union(
+    q,  # [T, HQ, D]
+    k,  # [T, H, D]
+    v,  # [T, H, DV]
+    fq,  # [T, HQ, F]
+    fk,  # [T, H, F]
+    o,  # [T, HQ, DV] forward output of the sparse branch
+    do,  # [T, HQ, DV]
+    do_rla,  # [T, HQ, DV]
+    drla_mass,  # [T, HQ] fp32
+    lse,  # [T, HQ] fp32 log2-sum-exp2
+    live,  # [T, H] fp32
+    indices,  # [T, H, TOPK] int32
+    ulist,  # [NQ, H, UMAX] int32 the union of the tile's selected blocks, ascending, then padding
+    ucount,  # [NQ, H] int32 its length
+    work,  # [NW] int64 (tile) * H + (KV head) of each program
+    tile_bos,  # [NQ] int64 first token of the tile's sequence
+    tile_t0,  # [NQ] int64 the tile's first position in its sequence
+    tile_len,  # [NQ] int64 the sequence's length
+    dq,  # [T, HQ, D] out (q's dtype)
+    dfq,  # [T, HQ, F] fp32: holds the global term's gradient, the selected term's is added
+    delta,  # [T, HQ] fp32 out: do·o (read by the KV-major pass)
+    dk,  # [T, H, D] fp32, ATOMIC only
+    dv,  # [T, H, DV] fp32, ATOMIC only (holds the global term's gradient)
+    dfk,  # [T, H, F] fp32, ATOMIC only (likewise)
+    scale,
+    HQ: tl.constexpr,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    DV: tl.constexpr,
+    BDV: tl.constexpr,
+    F: tl.constexpr,
+    BF: tl.constexpr,
+    BS: tl.constexpr,
+    BK: tl.constexpr,
+    BT: tl.constexpr,
+    TOPK: tl.constexpr,
+    BTOPK: tl.constexpr,
+    UMAX: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CDT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    LIN: tl.constexpr = True,
+):
+    """Query-tile backward, the mirror of ``spla_fwd_kernel_sparse_union``: one program per (tile of BT
+    consecutive tokens, KV head) walks the union of the blocks its tokens selected, loading each once for all
+    BT x G rows, and computes dq, the selected linear term's dphi(q) and delta for its rows (``ATOMIC``: also the
+    keys' dk, dv, dphi(k), one fp32 atomic add per key and union block for the whole tile)."""
+    e = tl.load(work + tl.program_id(0)).to(tl.int64)
+    i_n, i_h = e // H, e % H
+    bos = tl.load(tile_bos + i_n).to(tl.int64)
+    t0 = tl.load(tile_t0 + i_n).to(tl.int64)
+    L = tl.load(tile_len + i_n).to(tl.int64)
+    # rows: token-major, group-head-minor [BT*GP]
+    o_r = tl.arange(0, BT * GP)
+    r_t, r_g = t0 + o_r // GP, o_r % GP
+    m_r = (r_t < L) & (r_g < G)
+    p_row = (bos + r_t) * HQ + i_h * G + r_g
+    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
+    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
+    m_rd, m_rv, m_rf = m_r[:, None] & m_d[None, :], m_r[:, None] & m_v[None, :], m_r[:, None] & m_f[None, :]
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.).to(tl.float32).to(CDT)
+    b_do = tl.load(do + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
+    b_o = tl.load(o + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
+    b_delta = tl.sum(b_do * b_o, 1)
+    tl.store(delta + p_row, b_delta, mask=m_r)
+    b_lse = tl.load(lse + p_row, mask=m_r, other=0.)
+    b_doc = b_do.to(CDT)
+    if LIN:
+        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_rf, other=0.).to(tl.float32).to(CDT)
+        b_live = tl.load(live + (bos + r_t) * H + i_h, mask=m_r, other=0.)
+        b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
+        b_ac = (b_a * b_live[:, None]).to(CDT)
+        b_b = -tl.load(drla_mass + p_row, mask=m_r, other=0.) * b_live
+    else:  # unread
+        b_fq, b_ac, b_b = b_q, b_doc, b_delta
+    # each row's selection [BT*GP, BTOPK]
+    o_i = tl.arange(0, BTOPK)
+    b_sel = tl.load(indices + ((bos + r_t) * H + i_h)[:, None] * TOPK + o_i[None, :],
+                    mask=m_r[:, None] & (o_i < TOPK)[None, :], other=-1)
+    n_u = tl.load(ucount + i_n * H + i_h)
+    qk_scale = scale * 1.44269504
+    b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
+    b_dfq = tl.zeros([BT * GP, BF], dtype=tl.float32)
+    o_s = tl.arange(0, BK)
+    for u in range(n_u):
+        j = tl.load(ulist + (i_n * H + i_h) * UMAX + u).to(tl.int64)
+        # rows whose token selected block j
+        m_rj = m_r & (tl.sum((b_sel == j).to(tl.int32), 1) > 0)
+        for s0 in range(0, BS, BK):
+            o_p = j * BS + s0 + o_s
+            m_p = ((s0 + o_s) < BS) & (o_p < L)
+            m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
+            b_dq, b_dfq = _grad_subtile(
+                b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p, m_s,
+                o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, ATOMIC)
+    tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+    if LIN:
+        p_fq = dfq + p_row[:, None] * F + o_f[None, :]
+        tl.store(p_fq, tl.load(p_fq, mask=m_rf, other=0.) + b_dfq, mask=m_rf)
 
 
 @triton.jit(do_not_specialize=['scale', 'NBA'])
@@ -1477,11 +1602,27 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
     delta = q.new_empty(N, HQ, dtype=torch.float32)
     common = dict(HQ=HQ, H=H, G=G, D=D, BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV), F=F,
                   BF=triton.next_power_of_2(F), TOPK=topk, DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype))
-    spla_bwd_kernel_sparse[(N, H)](
-        qf, kf, vf, fq, fk, of, do, do_rla, drla_mass, lse, live, idx, meta["tok_bos"], dq, dfq, delta, dk, dv, dfk,
-        scale, GP=max(16, triton.next_power_of_2(G)), BS=block_size,
-        BK=max(16, min(64, triton.next_power_of_2(block_size))), BTOPK=triton.next_power_of_2(topk),
-        ATOMIC=not det, LIN=residual, **common, num_warps=4, num_stages=2)
+    # the query-side pass: token-major, or (SPARSE_PATH="union") per query tile where its union is small
+    args = (qf, kf, vf, fq, fk, of, do, do_rla, drla_mass, lse, live, idx)
+    outs = (dq, dfq, delta, dk, dv, dfk, scale)
+    shared = dict(BS=block_size, BK=max(16, min(64, triton.next_power_of_2(block_size))),
+                  BTOPK=triton.next_power_of_2(topk), ATOMIC=not det, LIN=residual, **common)
+    tile = _topk_tile(block_size, G)
+    work = None
+    if SPARSE_PATH == "union" and tile:
+        ulist, ucount = _tile_unions(idx, meta, tile)
+        uwork, work = _union_split(ucount, meta, tile, UNION_MAX_LOAD * tile * topk)
+        if uwork.numel() > 0:
+            spla_bwd_kernel_sparse_union[(uwork.numel(),)](
+                *args, ulist, ucount, uwork, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], *outs,
+                GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], **shared,
+                num_warps=SPARSE_LAUNCH["union_warps"], num_stages=SPARSE_LAUNCH["union_stages"])
+        del ulist, ucount, uwork
+    if work is None or work.numel() > 0:
+        spla_bwd_kernel_sparse[(N, H) if work is None else (work.numel(), 1)](
+            *args, meta["tok_bos"], meta["tok_bos"] if work is None else work, *outs,
+            GP=max(16, triton.next_power_of_2(G)), WORK=work is not None, **shared, num_warps=4, num_stages=2)
+    del work
     if det:
         NBA = meta["all_tok"].numel()
         # work items of at most KV_CAP (token, slot) entries: a block every token selects (the sinks) is split
