@@ -4,10 +4,12 @@
     python benchmarks/bench_backward.py [--full] [--T ...] [--heads 32,8 64,4] [--model-step] [--out DIR]
 
 B=1, bf16, D=Dv=128, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 representative key, softmax2,
-``q_lin=q``, ``k_lin=k``), random N(0,1) inputs. One "fwd+bwd" = the op's forward, then the gradients of q, k, v
+``q_lin=q``, ``k_lin=k``), N(0,1) inputs (``--data local``: AR(1) queries with a real model's selection locality,
+``benchmarks/inputs.py``). One "fwd+bwd" = the op's forward, then the gradients of q, k, v
 (and for SPLA of both outputs o_sparse and o_rla) with ``torch.autograd.grad``; CUDA-event medians after warm-up.
 Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-major) and the atomic
-key-gradient pass, the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
+key-gradient pass, ``spla_fwdbwd_union_ms`` the deterministic one with ``SPARSE_PATH="union"`` (forward and the
+backward's query-side pass per query tile over the tile's union of selected blocks), the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
 causal (flash backend, K/V expanded to the query heads outside the timing), fla ``parallel_nsa`` (G >= 16 only:
 HQ=64/H=4), FlexAttention (compiled, causal block-sparse mask of the same token budget given in advance: 8
 blocks of 128 per 128-query block, ``benchmarks/peers.py``), speedups, and the peak memory of one
@@ -102,14 +104,9 @@ def peak_mem(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
 
 
-def make(T, HQ, H, D, seed=0, device="cuda"):
-    import torch
-    g = torch.Generator(device=device).manual_seed(seed)
-    dt = torch.bfloat16
-    q = torch.randn(1, T, HQ, D, device=device, dtype=dt, generator=g).requires_grad_()
-    k = torch.randn(1, T, H, D, device=device, dtype=dt, generator=g).requires_grad_()
-    v = torch.randn(1, T, H, D, device=device, dtype=dt, generator=g).requires_grad_()
-    return q, k, v
+def make(T, HQ, H, D, seed=0, device="cuda", data="random"):
+    from inputs import attention_inputs
+    return tuple(x.requires_grad_() for x in attention_inputs(1, T, HQ, H, D, data=data, device=device, seed=seed))
 
 
 def spla_fns(q, k, v, deterministic):
@@ -151,9 +148,10 @@ def sdpa_fns(q, k, v):
     return fwd_bwd, (qt, kt, vt)
 
 
-def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True):
+def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True, data="random", union=True):
     import torch
-    q, k, v = make(T, HQ, H, D)
+    from spla.ops.spla import parallel as P
+    q, k, v = make(T, HQ, H, D, data=data)
     G = HQ // H
     fwd, fb_det, fb_topk = spla_fns(q, k, v, True)
     _, fb_atomic, _ = spla_fns(q, k, v, False)
@@ -167,6 +165,16 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True):
         traceback.print_exc()
         rec["spla_fwdbwd_ms"] = f"error: {type(e).__name__}"
     torch.cuda.empty_cache()
+    if union:
+        path = P.SPARSE_PATH
+        try:
+            P.SPARSE_PATH = "union"
+            rec["spla_fwdbwd_union_ms"] = timeit(fb_det, budget_s)
+        except Exception:
+            traceback.print_exc()
+        finally:
+            P.SPARSE_PATH = path
+        torch.cuda.empty_cache()
     if atomic:
         try:
             rec["spla_fwdbwd_atomic_ms"] = timeit(fb_atomic, budget_s, warmup=1, max_iters=5)
@@ -334,6 +342,7 @@ def fmt(x):
 
 
 def main():
+    from inputs import DATA
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="T = 4k..128k for both head configs (long: ~10+ min)")
     ap.add_argument("--T", type=int, nargs="*", default=None,
@@ -341,6 +350,9 @@ def main():
     ap.add_argument("--heads", type=str, nargs="+", default=["32,8", "64,4"], help="HQ,H pairs")
     ap.add_argument("--mem-T", type=int, nargs="*", default=[65536, 131072], help="lengths of the memory rows")
     ap.add_argument("--no-atomic", action="store_true", help="skip the atomic key-gradient variant")
+    ap.add_argument("--no-union", action="store_true", help="skip the query-tile union variant")
+    ap.add_argument("--data", choices=DATA, default="random",
+                    help="random: N(0, 1) q, k, v; local: AR(1) queries (benchmarks/inputs.py)")
     ap.add_argument("--model-step", action="store_true", help="also time a training step of an 8-layer model")
     ap.add_argument("--model-T", type=int, default=65536)
     ap.add_argument("--budget", type=float, default=150.0,
@@ -391,7 +403,8 @@ def main():
             guarded(rows, rec, lambda: None)
         else:
             guarded(rows, rec, run_case, T, HQ, H, 128, nsa, rec, args.case_seconds,
-                    atomic=not args.no_atomic and (args.full or T <= 65536))
+                    atomic=not args.no_atomic and (args.full or T <= 65536), data=args.data,
+                    union=not args.no_union)
     for T in args.mem_T:  # cheap (one forward+backward each): not subject to the budget
         rec = dict(T=T, HQ=32, H=8)
         guarded(mem_rows, rec, run_memory, T, 32, 8, 128, rec)
@@ -405,10 +418,10 @@ def main():
         lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in recs]
         return "\n".join(lines)
 
-    out = [f"GPU: {name}; B=1, bf16, D=128, block {BS}, top-{TOPK}; times in ms (fwd+bwd = forward + gradients of "
+    out = [f"GPU: {name}; data: {args.data}; B=1, bf16, D=128, block {BS}, top-{TOPK}; times in ms (fwd+bwd = forward + gradients of "
            f"q, k, v), peak memory in GiB above the inputs", ""]
     out.append(table(rows, ["T", "HQ", "H", "spla_fwd_ms", "spla_fwdbwd_ms", "spla_fwdbwd_atomic_ms",
-                            "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
+                            "spla_fwdbwd_union_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
                             "speedup_nsa",
                             "speedup_flex", "note"]))
     if mem_rows:

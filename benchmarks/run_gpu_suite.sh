@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU tests, then the benchmarks, logs under $OUT (or ./out).
-#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|decode-tune|generate|backward|model|forward|union|union-sweep|linear|recall|all]...
+#   bash benchmarks/run_gpu_suite.sh [tests|tests-fwd|tests-bwd|decode|decode-tune|generate|backward|model|forward|union|union-sweep|union-bwd|linear|recall|all]...
 #   (default: all)
 # fla (for the NSA baseline) is taken from ./.whl when present (see docs/benchmarks.md).
 set -uo pipefail
@@ -73,5 +73,9 @@ for w in $what; do
         | tee "$OUT/bench_forward_local.log" ;;
     union-sweep) python3 benchmarks/bench_forward.py --sweep-sparse --T 65536 --heads 32,8 64,4 --data local \
         --out "$OUT/local" 2>&1 | tee "$OUT/sweep_sparse_local.log" ;;
+    # forward+backward at 64k on the same data, the union path (forward and the backward's query-side pass) beside
+    # the token/KV-major default, SDPA, NSA and FlexAttention; about 3 minutes
+    union-bwd) python3 benchmarks/bench_backward.py --T 65536 --heads 32,8 64,4 --data local --no-atomic --mem-T \
+        --out "$OUT/local" 2>&1 | tee "$OUT/bench_backward_local.log" ;;
   esac
 done
