@@ -16,7 +16,7 @@ FLOPs are counted from the actual selection (keys visited, candidates scored); t
 advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_vs_flex`` = our sparse stage / it.
 ``sparse_union_ms``: the query-tile union stage (``SPARSE_PATH="union"``), with ``union_blocks`` the mean union of
 selected blocks per tile on this data, ``union_tiles`` the fraction of (tile, KV head) pairs under the fallback
-threshold ``UNION_MAX_LOAD`` (the rest run token-major) and ``sparse_union_all_ms`` the time without the fallback.
+threshold ``UNION_MAX_LOAD`` (the rest run per token on the ``sparse_path`` column's path) and ``sparse_union_all_ms`` the time without the fallback.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _prepare_meta, _tile_unions, _topk_tile,
-                                    block_stats_fwd, dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd,
+from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _tile_unions,
+                                    _topk_tile, block_stats_fwd, dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd,
                                     sparse_union_fwd)
 
 BS, TOPK, SINK, LOCAL, R = 64, 16, 1, 2, 1
@@ -121,7 +121,7 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
             rec[f"select_c{c}_rows_diff"] = (other != idx).any(-1).float().mean().item()
             rec[f"select_c{c}_slots_diff"] = (other != idx).float().mean().item()
         sp = dict(block_size=BS, scale=scale)
-        path = "token" if G >= 8 else "kv"
+        path = _dense_path(G)
         main_fn, alt_fn = (sparse_fwd, sparse_kv_fwd) if path == "token" else (sparse_kv_fwd, sparse_fwd)
         rec["sparse_path"] = path
         rec["sparse_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp))
@@ -129,7 +129,7 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
         rec["sparse_alt_ms"] = bench(lambda: alt_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp), rep=50)
         # the query-tile union stage (parallel.SPARSE_PATH="union"): its time, and the mean union per tile in
         # blocks (random data: adjacent tokens share only the forced blocks; see bench_locality.py), the fraction
-        # of (tile, KV head) pairs the union kernel serves (the others run token-major), and without the fallback
+        # of (tile, KV head) pairs the union kernel serves (the others run on `path`), and without the fallback
         rec["sparse_union_ms"] = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile, **sp),
                                        rep=20)
         ucount = _tile_unions(idx, meta, tile)[1]

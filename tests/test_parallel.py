@@ -162,6 +162,42 @@ def test_union_path(T, HQ, H, D, Dv, cu, residual, grads, load, monkeypatch):
             assert_close(f"d{name}", b, a, 1e-4)
 
 
+@pytest.mark.parametrize("fallback,det", [("kv", True), ("kv", False), ("token", True)])
+def test_union_fallback_paths(fallback, det, monkeypatch):
+    """The union stage's per-token fallback on either path (KV-major: deterministic partials or atomics, over
+    several partial chunks), packed odd lengths with an empty sequence, G = 3: the same o, o_rla, rla_mass and
+    log-sum-exp as the token-major stage on every row (fresh buffers are poisoned: an unwritten row shows)."""
+    import spla.ops.spla.parallel as P
+    from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
+    T, HQ, H, D, bs, topk = 130, 6, 2, 64, 16, 4
+    cu = (0, 29, 29, 100, 130)
+    q, k, v = _inputs(1, T, HQ, H, D, seed=5)
+    qf, kf, vf = q[0].contiguous(), k[0].contiguous(), v[0].contiguous()
+    tile = P._topk_tile(bs, HQ // H)
+    meta = P._prepare_meta(cu, bs, tile, DEVICE)
+    scale = D ** -0.5
+    stats = P.block_stats_fwd(kf, meta, bs, 1, True)
+    idx = P.select_fwd(qf, stats, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1, local_blocks=2,
+                       selection="taylor2", rep_keys=1, scale=scale)
+    fq, fk = feature_map_fwd(qf, "softmax2", q.dtype), feature_map_fwd(kf, "softmax2", q.dtype)
+    glob, gm = global_linear_fwd(fq, fk, vf, meta, P.LINEAR_CHUNK)
+    sp = dict(block_size=bs, scale=scale)
+    ref_lse = torch.empty(T, HQ, device=DEVICE)
+    ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=ref_lse, **sp)
+    # partials for 11 tokens at a time (22 with atomics): the fallback's rows (tokens 77-99 here) span 3 (2) chunks
+    monkeypatch.setattr(P, "PARTIAL_BYTES", 11 * H * topk * 3 * (64 * 4 + 4 + 4 * 64 + 4))
+    load = 3 / 64  # unions of up to 3 blocks per 16-token tile take the union kernel
+    ucount = P._tile_unions(idx, meta, tile)[1]
+    work, fb = P._union_split(ucount, meta, tile, load * tile * topk)
+    assert work.numel() > 0 and fb.numel() > 0
+    lse = torch.empty(T, HQ, device=DEVICE)
+    # the atomic KV-major path subtracts in place from the global term: give it a copy
+    out = P.sparse_union_fwd(qf, kf, vf, fq, fk, glob.clone(), gm.clone(), idx, meta, tile=tile, lse=lse,
+                             max_load=load, deterministic=det, fallback_path=fallback, **sp)
+    for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (ref_lse,)):
+        assert_close(f"{fallback} {name}", b, a, 1e-5)
+
+
 def test_union_split():
     """The fallback split: (tile, head) pairs with small unions, and every token (not past its sequence) of the
     others, per head."""

@@ -16,9 +16,13 @@
      the rows of ``tl.dot`` (padded to 16); it finishes the residual itself.
    - :func:`spla_fwd_kernel_sparse_kv` ("kv") - one program per (KV head, selected block, up to BQ tokens that
      selected it): the block is loaded once for BQ tokens (their G heads as 64 rows); per-(token, block)
-     partials (log-sum-exp, normalized output) are merged by :func:`spla_fwd_kernel_merge`, and the selected
-     linear terms are subtracted from the global term with fp32 atomics (summation order not fixed).
-   "auto" takes "token" for G >= 8 and "kv" below (measured on H100 and H200, bf16, T = 8k-128k).
+     partials (log-sum-exp, normalized output, and fp32 selected linear terms) are merged in slot order by
+     :func:`spla_fwd_kernel_merge` (deterministic; ``deterministic=False``: the linear terms are subtracted from
+     the global term with fp32 atomics instead, summation order not fixed).
+   - :func:`spla_fwd_kernel_sparse_union` ("union") - one program per query tile of the selection and KV head:
+     the union of the tile's selected blocks is loaded once for all its rows; tiles whose union is large fall
+     back to the per-token path "auto" takes (:func:`sparse_union_fwd`).
+   "auto" takes "token" for G >= 8 and "kv" below (measured on H100 and H200, bf16, T = 8k-128k; ``_dense_path``).
    ``o_rla = glob - selected`` is exactly 0 where the selected tokens are all the visible ones (decided by
    counting them, as ``chunk.finish_residual`` does).
 4. ``linear.py`` - the feature maps and the chunked causal global linear attention (fp32 state).
@@ -60,7 +64,7 @@ LINEAR_CHUNK = 64
 # (token for G >= 8, else kv; measured on H100 and H200)
 SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
 # the union stage's fallback: a (query tile, KV head) whose union of selected blocks exceeds this fraction of
-# tile x topk runs token-major (sparse_union_fwd). Break-even of the score FLOPs at 0.25; 0.5 assumes the token
+# tile x topk runs per token, on the path "auto" takes (sparse_union_fwd; the backward: token-major). Break-even of the score FLOPs at 0.25; 0.5 assumes the token
 # kernel's repeated block loads cost as much again. A guess, not yet timed on a GPU
 UNION_MAX_LOAD = 0.5
 # where every block is selected (T <= topk * block_size, no cu_seqlens, Dv == D, CUDA) SPLA is causal attention
@@ -651,7 +655,7 @@ def spla_fwd_kernel_sparse_kv(
             tl.store(p_lm + p_e, b_ms, mask=m_r)
 
 
-@triton.jit(do_not_specialize=['t0', 'e0'])
+@triton.jit(do_not_specialize=['t0', 'e0', 'w0'])
 def spla_fwd_kernel_merge(
     p_lse,  # [E, G] fp32
     p_o,  # [E, G, DV]
@@ -659,6 +663,7 @@ def spla_fwd_kernel_merge(
     p_lm,  # [E, G] fp32 their masses
     indices,  # [T, H, TOPK] int32
     tok_bos,  # [T] int64
+    work,  # [NW] int64 (token) * H + (KV head) of each program from entry w0 on, if WORK (else the grid is (T, H))
     glob,  # [T, HQ, DV] fp32 global linear term (LIN_ATOMIC: minus the selected ones already)
     glob_mass,  # [T, HQ] fp32 its mass
     o,  # [T, HQ, DV]
@@ -667,6 +672,7 @@ def spla_fwd_kernel_merge(
     lse,  # [T, HQ] fp32 log2-sum-exp2 (saved for the backward), if STORE_LSE
     t0,  # first token of this chunk
     e0,  # its first entry id
+    w0,  # its first work item (WORK)
     HQ: tl.constexpr,
     H: tl.constexpr,
     G: tl.constexpr,
@@ -679,10 +685,15 @@ def spla_fwd_kernel_merge(
     STORE_LSE: tl.constexpr = False,
     LIN: tl.constexpr = True,
     LIN_ATOMIC: tl.constexpr = False,
+    WORK: tl.constexpr = False,
 ):
     """Merge the per-block partials of one token and KV head; the residual is 0 where nothing is unselected, and
     everywhere without the linear branch (``LIN=False``: glob, glob_mass unread)."""
-    i_t, i_h = tl.program_id(0).to(tl.int64) + t0, tl.program_id(1).to(tl.int64)
+    if WORK:
+        e = tl.load(work + w0 + tl.program_id(0)).to(tl.int64)
+        i_t, i_h = e // H, e % H
+    else:
+        i_t, i_h = tl.program_id(0).to(tl.int64) + t0, tl.program_id(1).to(tl.int64)
     pos = i_t - tl.load(tok_bos + i_t).to(tl.int64)
     o_g = tl.arange(0, GP)
     m_g = o_g < G
@@ -893,9 +904,16 @@ def _union_split(ucount: torch.Tensor, meta: dict, tile: int, cap: float):
     return pairs[small], tok * H + torch.repeat_interleave(h, cnt, output_size=total)
 
 
+def _dense_path(G: int) -> str:
+    """The per-token sparse path ``SPARSE_PATH="auto"`` takes for group size ``G`` (also the union stage's
+    fallback): token-major for 8 query heads per KV head or more, else KV-major (docs/benchmarks.md, table A)."""
+    return "token" if G >= 8 else "kv"
+
+
 def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, tile: int,
                      lin: bool = True, lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
-                     num_stages: Optional[int] = None, max_load: Optional[float] = None):
+                     num_stages: Optional[int] = None, max_load: Optional[float] = None,
+                     deterministic: Optional[bool] = None, fallback_path: Optional[str] = None):
     """Query-tile sparse stage (``spla_fwd_kernel_sparse_union``): per tile of ``tile`` consecutive tokens (the
     selection's tiles, ``meta``) and KV head, the union of their selected blocks is loaded once for all their rows.
     Returns (o, o_rla, rla_mass) as :func:`sparse_fwd`; the same outputs up to rounding. It reads
@@ -903,9 +921,11 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     model's activations, ``benchmarks/bench_locality.py``) and computes scores over the whole union.
 
     ``max_load`` (default :data:`UNION_MAX_LOAD`): a (tile, KV head) whose union exceeds ``max_load x tile x topk``
-    blocks runs token-major instead (:func:`sparse_fwd` on its tokens): its rows would compute scores against
-    ``4 x max_load`` times the keys the token-major kernel's 16-row tiles do. 0 sends every tile token-major,
-    1 none."""
+    blocks runs per token instead: its rows would compute scores against ``4 x max_load`` times the keys the
+    token-major kernel's 16-row tiles do. 0 sends every tile to the fallback, 1 none. The fallback
+    (``fallback_path``, default the path ``SPARSE_PATH="auto"`` takes for this group size) is the token-major
+    stage (:func:`sparse_fwd`) or the KV-major one (:func:`sparse_kv_fwd`, ``deterministic`` as there) on those
+    (token, KV head) rows alone."""
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G = HQ // H
@@ -925,8 +945,12 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
             CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
             num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
     if fallback.numel() > 0:
-        sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale, lin=lin,
-                   lse=lse, work=fallback, out=out)
+        if (fallback_path or _dense_path(G)) == "kv":
+            sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale,
+                          lin=lin, lse=lse, deterministic=deterministic, work=fallback, out=out)
+        else:
+            sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale, lin=lin,
+                       lse=lse, work=fallback, out=out)
     return out
 
 
@@ -938,9 +962,12 @@ PARTIAL_BYTES = 3 << 30
 DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # launch settings of the sparse stage: the token-major kernel's warps and pipeline stages; the KV-major kernel's
 # rows per program (tokens x padded group heads that share one loaded block), warps and stages
-# (benchmarks/bench_forward.py --sweep-sparse times alternatives)
+# (benchmarks/bench_forward.py --sweep-sparse times alternatives). union_bwd_*: the backward's query-side union
+# kernel, which holds twice the forward's fp32 accumulators for its 64 rows (dq and dphi(q), beside q, phi(q), do
+# and do_rla): 8 warps so that they fit in registers, as the KV-major backward pass (untimed;
+# bench_backward.py times 4 warps / 2 stages beside it)
 SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
-                     union_stages=2)
+                     union_stages=2, union_bwd_warps=8, union_bwd_stages=1)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
@@ -966,7 +993,7 @@ def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
 def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
                   lin: bool = True, rows: Optional[int] = None, num_warps: Optional[int] = None,
                   num_stages: Optional[int] = None, lse: Optional[torch.Tensor] = None,
-                  deterministic: Optional[bool] = None):
+                  deterministic: Optional[bool] = None, work: Optional[torch.Tensor] = None, out=None):
     """KV-block-major sparse stage (each selected block is loaded once per BQ tokens that chose it).
 
     Processes the tokens in chunks so that the per-(token, block) partials stay under ``PARTIAL_BYTES``.
@@ -974,6 +1001,8 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
     order (``deterministic``, default :data:`DETERMINISTIC`), or fp32 atomics subtract them in place (order not
     fixed; 2.5% faster on an H200 at 64k, docs/benchmarks.md).
     ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
+    ``work`` (int64 ``token * H + head``) restricts the stage to those (token, KV head) rows, written into ``out``
+    = (o, o_rla, rla_mass) (as :func:`sparse_fwd`; the union stage's fallback).
     """
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
@@ -989,9 +1018,17 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
     atomic = not lin or not (DETERMINISTIC if deterministic is None else deterministic)
     entry_bytes = G * (DV * q.element_size() + 4 + (0 if atomic else 4 * DV + 4))
     chunk = max(1, min(T, PARTIAL_BYTES // (H * topk * entry_bytes)))
-    o = q.new_empty(T, HQ, DV)
-    o_rla = q.new_empty(T, HQ, DV)
-    rla_mass = q.new_empty(T, HQ, dtype=torch.float32)
+    if out is None:
+        out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
+    o, o_rla, rla_mass = out
+    if work is not None:
+        # only the rows of ``work``: the others select nothing here, and the merge runs over ``work`` alone
+        work = torch.sort(work).values
+        keep = torch.zeros(T * H, dtype=torch.bool, device=q.device)
+        keep[work] = True
+        indices = torch.where(keep.view(T, H, 1), indices, -1)
+        cuts = torch.tensor([t0 * H for t0 in range(0, T, chunk)] + [T * H], device=q.device)
+        wcut = torch.searchsorted(work, cuts).tolist()
     E = min(T, chunk) * H * topk
     p_lse = q.new_empty(E, G, dtype=torch.float32)
     p_o = q.new_empty(E, G, DV, dtype=pdt)
@@ -1011,11 +1048,18 @@ def sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size
                 F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=BK, BQ=BQ, TOPK=topk,
                 DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, LIN_ATOMIC=atomic,
                 num_warps=num_warps or SPARSE_LAUNCH["kv_warps"], num_stages=num_stages or SPARSE_LAUNCH["kv_stages"])
-        spla_fwd_kernel_merge[(t1 - t0, H)](
-            p_lse, p_o, p_lin, p_lm, indices, meta["tok_bos"], glob, glob_mass, o, o_rla, rla_mass,
-            rla_mass if lse is None else lse, t0, e0,
-            HQ=HQ, H=H, G=G, GP=GP, DV=DV, BDV=triton.next_power_of_2(DV), BS=block_size, TOPK=topk,
-            BTOPK=triton.next_power_of_2(topk), STORE_LSE=lse is not None, LIN=lin, LIN_ATOMIC=atomic, num_warps=4)
+        if work is None:
+            grid, w0 = (t1 - t0, H), 0
+        else:
+            w0 = wcut[t0 // chunk]
+            grid = (wcut[t0 // chunk + 1] - w0, 1)
+        if grid[0] > 0:
+            spla_fwd_kernel_merge[grid](
+                p_lse, p_o, p_lin, p_lm, indices, meta["tok_bos"], meta["tok_bos"] if work is None else work, glob,
+                glob_mass, o, o_rla, rla_mass, rla_mass if lse is None else lse, t0, e0, w0,
+                HQ=HQ, H=H, G=G, GP=GP, DV=DV, BDV=triton.next_power_of_2(DV), BS=block_size, TOPK=topk,
+                BTOPK=triton.next_power_of_2(topk), STORE_LSE=lse is not None, LIN=lin, LIN_ATOMIC=atomic,
+                WORK=work is not None, num_warps=4)
     return o, o_rla, rla_mass
 
 
@@ -1102,9 +1146,9 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
         glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
     else:  # placeholders: with lin=False the kernels read none of them and write o_rla = rla_mass = 0
         fq, fk, glob, glob_mass = qf, kf, qf, qf
-    path = SPARSE_PATH if SPARSE_PATH != "auto" else ("token" if G >= 8 else "kv")
+    path = SPARSE_PATH if SPARSE_PATH != "auto" else _dense_path(G)
     if path == "union" and tile:
-        sparse = functools.partial(sparse_union_fwd, tile=tile)
+        sparse = functools.partial(sparse_union_fwd, tile=tile, deterministic=deterministic)
     elif path == "kv":
         sparse = functools.partial(sparse_kv_fwd, deterministic=deterministic)
     else:
@@ -1616,7 +1660,7 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
             spla_bwd_kernel_sparse_union[(uwork.numel(),)](
                 *args, ulist, ucount, uwork, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], *outs,
                 GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], **shared,
-                num_warps=SPARSE_LAUNCH["union_warps"], num_stages=SPARSE_LAUNCH["union_stages"])
+                num_warps=SPARSE_LAUNCH["union_bwd_warps"], num_stages=SPARSE_LAUNCH["union_bwd_stages"])
         del ulist, ucount, uwork
     if work is None or work.numel() > 0:
         spla_bwd_kernel_sparse[(N, H) if work is None else (work.numel(), 1)](
