@@ -1186,6 +1186,44 @@ KV_CAP = 4096
 
 
 @triton.jit
+def _grad_rows(q, fq, o, do, do_rla, drla_mass, lse, live, delta, p_row, p_live, m_r, o_d, m_d, o_v, m_v, o_f, m_f,
+               D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, CDT: tl.constexpr, LIN: tl.constexpr):
+    """What the query-side backward needs of rows ``p_row`` (``m_r`` real; ``p_live`` their (token, KV head)):
+    q and do in the compute dtype, delta = do·o (also stored, for the KV-major pass), the saved lse and, with the
+    linear branch, phi(q), a = -live*do_rla and b = -live*drla_mass (unread placeholders without it)."""
+    m_rd, m_rv = m_r[:, None] & m_d[None, :], m_r[:, None] & m_v[None, :]
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.).to(tl.float32).to(CDT)
+    b_do = tl.load(do + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
+    b_o = tl.load(o + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
+    b_delta = tl.sum(b_do * b_o, 1)
+    tl.store(delta + p_row, b_delta, mask=m_r)
+    b_lse = tl.load(lse + p_row, mask=m_r, other=0.)
+    b_doc = b_do.to(CDT)
+    if LIN:
+        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.)
+        b_fq = b_fq.to(tl.float32).to(CDT)
+        b_live = tl.load(live + p_live, mask=m_r, other=0.)
+        b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
+        b_ac = (b_a * b_live[:, None]).to(CDT)
+        b_b = -tl.load(drla_mass + p_row, mask=m_r, other=0.) * b_live
+    else:  # unread
+        b_fq, b_ac, b_b = b_q, b_doc, b_delta
+    return b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b
+
+
+@triton.jit
+def _store_grad_rows(dq, dfq, p_row, m_r, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale, D: tl.constexpr,
+                     F: tl.constexpr, LIN: tl.constexpr):
+    """Write dq (scaled) of rows ``p_row`` and add their selected linear term's dphi(q) to the global term's."""
+    tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
+             mask=m_r[:, None] & m_d[None, :])
+    if LIN:
+        m_rf = m_r[:, None] & m_f[None, :]
+        p_fq = dfq + p_row[:, None] * F + o_f[None, :]
+        tl.store(p_fq, tl.load(p_fq, mask=m_rf, other=0.) + b_dfq, mask=m_rf)
+
+
+@triton.jit
 def _grad_subtile(b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, p_kv, m_p, m_s, o_d, m_d, o_v,
                   m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
                   DOT_PREC: tl.constexpr, CDT: tl.constexpr, LIN: tl.constexpr, ATOMIC: tl.constexpr):
@@ -1279,22 +1317,9 @@ def spla_bwd_kernel_sparse(
     o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
     p_row = i_t * HQ + i_h * G + o_g
-    m_gd, m_gv, m_gf = m_g[:, None] & m_d[None, :], m_g[:, None] & m_v[None, :], m_g[:, None] & m_f[None, :]
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_gd, other=0.).to(tl.float32).to(CDT)
-    b_do = tl.load(do + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32)
-    b_o = tl.load(o + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32)
-    b_delta = tl.sum(b_do * b_o, 1)
-    tl.store(delta + p_row, b_delta, mask=m_g)
-    b_lse = tl.load(lse + p_row, mask=m_g, other=0.)
-    b_doc = b_do.to(CDT)
-    if LIN:
-        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_gf, other=0.).to(tl.float32).to(CDT)
-        b_live = tl.load(live + i_t * H + i_h)
-        b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_gv, other=0.).to(tl.float32) * b_live
-        b_b = -tl.load(drla_mass + p_row, mask=m_g, other=0.) * b_live
-        b_ac = b_a.to(CDT)
-    else:  # unread
-        b_fq, b_ac, b_b = b_q, b_doc, b_delta
+    b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b = _grad_rows(
+        q, fq, o, do, do_rla, drla_mass, lse, live, delta, p_row, i_t * H + i_h + 0 * o_g, m_g, o_d, m_d, o_v, m_v,
+        o_f, m_f, D, DV, F, CDT, LIN)
 
     o_i = tl.arange(0, BTOPK)
     b_idx = tl.load(indices + (i_t * H + i_h) * TOPK + o_i, mask=o_i < TOPK, other=-1)
@@ -1312,10 +1337,7 @@ def spla_bwd_kernel_sparse(
                 b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p,
                 m_g[:, None] & m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F,
                 DOT_PREC, CDT, LIN, ATOMIC)
-    tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_gd)
-    if LIN:
-        p_fq = dfq + p_row[:, None] * F + o_f[None, :]
-        tl.store(p_fq, tl.load(p_fq, mask=m_gf, other=0.) + b_dfq, mask=m_gf)
+    _store_grad_rows(dq, dfq, p_row, m_g, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale, D, F, LIN)
 
 
 @triton.jit(do_not_specialize=['scale'])
@@ -1382,22 +1404,9 @@ def spla_bwd_kernel_sparse_union(
     p_row = (bos + r_t) * HQ + i_h * G + r_g
     o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BF)
     m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
-    m_rd, m_rv, m_rf = m_r[:, None] & m_d[None, :], m_r[:, None] & m_v[None, :], m_r[:, None] & m_f[None, :]
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_rd, other=0.).to(tl.float32).to(CDT)
-    b_do = tl.load(do + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
-    b_o = tl.load(o + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
-    b_delta = tl.sum(b_do * b_o, 1)
-    tl.store(delta + p_row, b_delta, mask=m_r)
-    b_lse = tl.load(lse + p_row, mask=m_r, other=0.)
-    b_doc = b_do.to(CDT)
-    if LIN:
-        b_fq = tl.load(fq + p_row[:, None] * F + o_f[None, :], mask=m_rf, other=0.).to(tl.float32).to(CDT)
-        b_live = tl.load(live + (bos + r_t) * H + i_h, mask=m_r, other=0.)
-        b_a = -tl.load(do_rla + p_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.).to(tl.float32)
-        b_ac = (b_a * b_live[:, None]).to(CDT)
-        b_b = -tl.load(drla_mass + p_row, mask=m_r, other=0.) * b_live
-    else:  # unread
-        b_fq, b_ac, b_b = b_q, b_doc, b_delta
+    b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b = _grad_rows(
+        q, fq, o, do, do_rla, drla_mass, lse, live, delta, p_row, (bos + r_t) * H + i_h, m_r, o_d, m_d, o_v, m_v,
+        o_f, m_f, D, DV, F, CDT, LIN)
     # each row's selection [BT*GP, BTOPK]
     o_i = tl.arange(0, BTOPK)
     b_sel = tl.load(indices + ((bos + r_t) * H + i_h)[:, None] * TOPK + o_i[None, :],
@@ -1418,10 +1427,7 @@ def spla_bwd_kernel_sparse_union(
             b_dq, b_dfq = _grad_subtile(
                 b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p, m_s,
                 o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, ATOMIC)
-    tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
-    if LIN:
-        p_fq = dfq + p_row[:, None] * F + o_f[None, :]
-        tl.store(p_fq, tl.load(p_fq, mask=m_rf, other=0.) + b_dfq, mask=m_rf)
+    _store_grad_rows(dq, dfq, p_row, m_r, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale, D, F, LIN)
 
 
 @triton.jit(do_not_specialize=['scale', 'NBA'])
