@@ -394,8 +394,12 @@ def test_gpu_sparse_paths_agree(monkeypatch):
     monkeypatch.setattr(P, "SPARSE_PATH", "token")
     tok = spla_attn(q, k, v, backend="triton")
     monkeypatch.setattr(P, "SPARSE_PATH", "union")
-    uni = spla_attn(q, k, v, backend="triton")
-    for other in (kv, uni):
+    uni = spla_attn(q, k, v, backend="triton")  # random data: some tiles take the union kernel, some the fallback
+    monkeypatch.setattr(P, "UNION_MAX_LOAD", 0.0)
+    uni_fallback = spla_attn(q, k, v, backend="triton")  # every tile per token (KV-major for G = 4)
+    monkeypatch.setattr(P, "UNION_MAX_LOAD", 1.0)
+    uni_all = spla_attn(q, k, v, backend="triton")  # every tile through the union kernel
+    for other in (kv, uni, uni_fallback, uni_all):
         assert torch.equal(other.indices, tok.indices)
         for n in OUTS:
             assert_close(n, getattr(tok, n).float(), getattr(other, n).float(), 1e-2)
