@@ -10,7 +10,9 @@ B=1, bf16, D=Dv=128, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 represen
 Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-major) and the atomic
 key-gradient pass, ``spla_fwdbwd_union_ms`` the deterministic one with ``SPARSE_PATH="union"`` (forward and the
 backward's query-side pass per query tile over the tile's union of selected blocks; ``spla_fwdbwd_union_w4_ms``
-the same with the backward's union kernel at the forward's launch setting, 4 warps / 2 stages), the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
+the same with the backward's union kernel at 4 warps / 2 stages;
+``spla_fwdbwd_kvb64_ms`` the default with the key-gradient pass's linear part at 64 rows per step, its setting
+before 2026-12-05), the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
 causal (flash backend, K/V expanded to the query heads outside the timing), fla ``parallel_nsa`` (G >= 16 only:
 HQ=64/H=4), FlexAttention (compiled, causal block-sparse mask of the same token budget given in advance: 8
 blocks of 128 per 128-query block, ``benchmarks/peers.py``), speedups, and the peak memory of one
@@ -160,6 +162,14 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True, data="random", union=
         rec["spla_fwd_ms"] = timeit(fwd, budget_s)
         rec["spla_fwdbwd_ms"] = timeit(fb_det, budget_s)
         rec["topk_fwdbwd_ms"] = timeit(fb_topk, budget_s)
+        # the key-gradient pass's linear part at 64 rows per step, its setting before 2026-12-05 (32 now: at 64 it
+        # spills 600 bytes per thread on sm_90a, benchmarks/kernel_resources.py)
+        lin_rows = P.SPARSE_LAUNCH["kvb_lin_rows"]
+        try:
+            P.SPARSE_LAUNCH["kvb_lin_rows"] = 64
+            rec["spla_fwdbwd_kvb64_ms"] = timeit(fb_det, budget_s)
+        finally:
+            P.SPARSE_LAUNCH["kvb_lin_rows"] = lin_rows
     except torch.OutOfMemoryError:
         rec["spla_fwdbwd_ms"] = "OOM"
     except Exception as e:
@@ -171,8 +181,8 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True, data="random", union=
         try:
             P.SPARSE_PATH = "union"
             rec["spla_fwdbwd_union_ms"] = timeit(fb_det, budget_s)
-            # the backward's union kernel with the forward's launch setting (4 warps, 2 stages) instead of its own
-            P.SPARSE_LAUNCH.update(union_bwd_warps=launch["union_warps"], union_bwd_stages=launch["union_stages"])
+            # the backward's union kernel at 4 warps / 2 stages instead of its own setting (8 / 2)
+            P.SPARSE_LAUNCH.update(union_bwd_warps=4, union_bwd_stages=2)
             rec["spla_fwdbwd_union_w4_ms"] = timeit(fb_det, budget_s)
         except Exception:
             traceback.print_exc()
@@ -426,7 +436,7 @@ def main():
     out = [f"GPU: {name}; data: {args.data}; B=1, bf16, D=128, block {BS}, top-{TOPK}; times in ms (fwd+bwd = forward + gradients of "
            f"q, k, v), peak memory in GiB above the inputs", ""]
     out.append(table(rows, ["T", "HQ", "H", "spla_fwd_ms", "spla_fwdbwd_ms", "spla_fwdbwd_atomic_ms",
-                            "spla_fwdbwd_union_ms", "spla_fwdbwd_union_w4_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
+                            "spla_fwdbwd_kvb64_ms", "spla_fwdbwd_union_ms", "spla_fwdbwd_union_w4_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
                             "speedup_nsa",
                             "speedup_flex", "note"]))
     if mem_rows:

@@ -37,7 +37,7 @@ from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _tile_unions,
+from spla.ops.spla.parallel import (LINEAR_CHUNK, TOPK_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _tile_unions,
                                     _topk_tile, block_stats_fwd, dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd,
                                     sparse_union_fwd)
 
@@ -109,6 +109,12 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
         rec["linear_ms"] = bench(lambda: global_linear_fwd(feature_map_fwd(qf, "softmax2", dt),
                                                            feature_map_fwd(kf, "softmax2", dt), vf, meta, LINEAR_CHUNK))
         rec["select_nomerge_ms"] = bench(lambda: select_fwd(qf, stats, meta, merge=False, **sel))
+        # the selection at the other warp count than its default (8 for 32-block chunks since 2026-12-05, chosen
+        # from kernel_resources.py's spill counts; 4 before)
+        kc = TOPK_CHUNK or (32 if G >= 16 else 16)
+        alt_w = 4 if tile * triton.next_power_of_2(G) >= 128 or kc >= 32 else 8
+        rec["select_alt_warps"] = alt_w
+        rec["select_alt_warps_ms"] = bench(lambda: select_fwd(qf, stats, meta, num_warps=alt_w, **sel))
         # bf16 statistics (parallel.STATS_16BIT): the time, and whether the selection is the same bit for bit
         stats16 = block_stats_fwd(kf, meta, BS, R, True, torch.bfloat16)
         rec["select_stats16_ms"] = bench(lambda: select_fwd(qf, stats16, meta, **sel))
@@ -186,7 +192,7 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
 
 COLS = ["T", "HQ", "H", "data", "stats_ms", "select_ms", "sparse_ms", "linear_ms", "total_ms", "sdpa_ms", "nsa_ms",
         "flex_ms", "topk_attn_ms", "speedup_sdpa", "speedup_nsa", "sparse_vs_flex", "tflops", "floor_ms", "floor_frac", "select_nomerge_ms",
-        "select_stats16_ms", "select_stats16_same",
+        "select_stats16_ms", "select_stats16_same", "select_alt_warps", "select_alt_warps_ms",
         *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "rows_diff", "slots_diff")),
         "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "sparse_union_ms", "union_blocks", "union_tiles",
         "sparse_union_all_ms", "dense_kernels_ms"]

@@ -64,8 +64,9 @@ LINEAR_CHUNK = 64
 # (token for G >= 8, else kv; measured on H100 and H200)
 SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
 # the union stage's fallback: a (query tile, KV head) whose union of selected blocks exceeds this fraction of
-# tile x topk runs per token, on the path "auto" takes (sparse_union_fwd; the backward: token-major). Break-even of the score FLOPs at 0.25; 0.5 assumes the token
-# kernel's repeated block loads cost as much again. A guess, not yet timed on a GPU
+# tile x topk runs per token, on the path "auto" takes (sparse_union_fwd; the backward: token-major). Break-even
+# of the score FLOPs at 0.25; 0.5 assumes the token kernel's repeated block loads cost as much again. A guess, not
+# yet timed on a GPU
 UNION_MAX_LOAD = 0.5
 # where every block is selected (T <= topk * block_size, no cu_seqlens, Dv == D, CUDA) SPLA is causal attention
 # with a zero residual: run torch's SDPA (flash) instead of the sparse kernels
@@ -812,17 +813,20 @@ def selection_stats_dtype(q: torch.Tensor) -> torch.dtype:
 
 def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, tile: int, topk: int,
                sink_blocks: int, local_blocks: int, selection: str, rep_keys: int, scale: float,
-               merge: bool = True, chunk: Optional[int] = None) -> torch.Tensor:
+               merge: bool = True, chunk: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """Selected block ids of packed `[T, HQ, D]` queries, `[T, H, topk]` int32, ascending, -1 padded.
 
     ``chunk``: candidate blocks scored per loop step (default :data:`TOPK_CHUNK`, else 32 for groups of 16 or more
     query heads, else 16; at least the padded top-k).
     ``merge=False`` skips the top-k merge (benchmark diagnostics only: the indices are then wrong).
+    ``num_warps``: default 8 for tiles of 128 rows or more and for 32-block chunks (at 4 warps the 32-block chunk
+    spills 72 bytes per thread on sm_90a with fp32 statistics, ``benchmarks/kernel_resources.py``), else 4.
     """
     T, HQ, D = q.shape
     KP = max(16, triton.next_power_of_2(topk))
     G = HQ // H
     GP = triton.next_power_of_2(G)
+    KC = max(KP, triton.next_power_of_2(chunk or TOPK_CHUNK or (32 if G >= 16 else 16)))
     mean, var, reps = stats
     indices = q.new_empty(T, H, topk, dtype=torch.int32)
     NQ = meta["tile_bos"].numel()
@@ -830,10 +834,10 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
         q, mean, var, reps, indices, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], meta["tile_boff"],
         scale, 0.5 * scale * scale, math.log(block_size),
         HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), BT=tile,
-        KP=KP, KC=max(KP, triton.next_power_of_2(chunk or TOPK_CHUNK or (32 if G >= 16 else 16))), R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
+        KP=KP, KC=KC, R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
         TOPK=topk, SINK=sink_blocks, LOCAL=local_blocks, BS=block_size, TAYLOR2=selection == "taylor2",
-        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge, num_warps=8 if tile * GP >= 128 else 4,
-        num_stages=2)
+        DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge,
+        num_warps=num_warps or (8 if tile * GP >= 128 or KC >= 32 else 4), num_stages=2)
     return indices
 
 
@@ -962,12 +966,18 @@ PARTIAL_BYTES = 3 << 30
 DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # launch settings of the sparse stage: the token-major kernel's warps and pipeline stages; the KV-major kernel's
 # rows per program (tokens x padded group heads that share one loaded block), warps and stages
-# (benchmarks/bench_forward.py --sweep-sparse times alternatives). union_bwd_*: the backward's query-side union
-# kernel, which holds twice the forward's fp32 accumulators for its 64 rows (dq and dphi(q), beside q, phi(q), do
-# and do_rla): 8 warps so that they fit in registers, as the KV-major backward pass (untimed;
-# bench_backward.py times 4 warps / 2 stages beside it)
-SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
-                     union_stages=2, union_bwd_warps=8, union_bwd_stages=1)
+# (benchmarks/bench_forward.py --sweep-sparse times alternatives; benchmarks/kernel_resources.py compiles each
+# for sm_90a on a CPU and reports registers, spills and shared memory, docs/benchmarks.md "Kernel resources").
+# Chosen from those compile facts, not yet timed (the benchmarks time the earlier settings beside them):
+# - union_*: the forward's union kernel spills at 4 warps (2 stages: 40 bytes per thread, one program per SM),
+#   not at 8 warps / 2 stages;
+# - union_bwd_*: the backward's union kernel holds fp32 dq and dphi(q) for 64 rows beside q, phi(q), do, do_rla:
+#   1180 bytes of spills at 4 warps / 2 stages, 120 at 8 warps / 1 stage, none at 8 / 2 (3 stages do not fit);
+# - kvb_*: the KV-major key-gradient pass, rows per step of its attention part (PART 0) and of its linear part
+#   (PART 1, which holds fp32 dphi(k) [64, 256] and dv [64, 128]): 600 bytes of spills at 64 rows, none at 32.
+SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=8,
+                     union_stages=2, union_bwd_warps=8, union_bwd_stages=2, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8,
+                     kvb_stages=1)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
@@ -1691,15 +1701,18 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
         red_n = nitem[red_key]
         red_first = torch.cumsum(red_n, 0) - red_n
         GP = triton.next_power_of_2(G)
-        # rows (tokens x group heads) per step; fp32 tiles are twice the bytes: halve them to stay in shared memory
-        BQ = max(1, (32 if q.dtype == torch.float32 else 64) // GP)
-        while BQ * GP < 16:
-            BQ *= 2
         for part in ((0, 1) if residual else (0,)) if wkey.numel() > 0 else ():
+            # rows (tokens x group heads) per step; fp32 tiles are twice the bytes: halve them to stay in shared
+            # memory
+            rows = SPARSE_LAUNCH["kvb_rows" if part == 0 else "kvb_lin_rows"]
+            BQ = max(1, (rows // 2 if q.dtype == torch.float32 else rows) // GP)
+            while BQ * GP < 16:
+                BQ *= 2
             spla_bwd_kernel_sparse_kv[(wkey.numel(),)](
                 qf, kf, vf, fq, fk, do, do_rla, drla_mass, lse, delta, live, wkey, wstart, wend, perm,
                 meta["all_tok"], meta["all_len"], dk, dv, dfk, wslot, part_a, part_v, scale, NBA, GP=GP,
-                BSP=BSP, BQ=BQ, PART=part, PA=PA, **common, num_warps=8, num_stages=1)
+                BSP=BSP, BQ=BQ, PART=part, PA=PA, **common, num_warps=SPARSE_LAUNCH["kvb_warps"],
+                num_stages=SPARSE_LAUNCH["kvb_stages"])
             if red_key.numel() > 0:
                 DA = D if part == 0 else F
                 spla_bwd_kernel_kv_reduce[(red_key.numel(),)](
