@@ -6,9 +6,10 @@
 Every kernel the forward and the backward launch (all sparse paths: token-major, KV-major, query-tile union with
 its fallback; and the sweep's launch settings of the sparse stages), and the four of a decode step (and its
 sweep's settings), is compiled for ``sm_90a`` (H100 / H200) by Triton's own compiler and ``ptxas`` on this
-machine's CPU, at the benchmarks' shapes (block 64, top-16, D = 128, softmax2 feature map, bf16). No kernel runs: a stand-in driver gives Triton the Hopper target, and a
-``jit_cache_hook`` compiles each launch ahead of time and skips it. The host code runs on small CPU tensors
-(T = 4096) with valid selections from the torch backend.
+machine's CPU, at the benchmarks' shapes (block 64, top-16, D = 128, softmax2 feature map, bf16). No kernel
+runs: a stand-in driver gives Triton the Hopper target, and a ``jit_cache_hook`` compiles each launch ahead of
+time and skips it. The host code runs on small CPU tensors (T = 4096) with valid selections from the torch
+backend.
 
 Per compiled kernel: registers per thread, spill stores / loads (bytes per thread, from ``ptxas -v``), stack,
 shared memory per program, and how many programs fit on one SM at once by registers (64K per SM) and by shared
