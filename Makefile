@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 PINS   := $(TORCH) triton==3.6.0 "numpy<2.4"
 
-.PHONY: demo test test-slow test-gpu bench-cpu bench-locality install install-dev install-hf clean
+.PHONY: demo test test-slow test-gpu bench-cpu bench-locality bench-kernels install install-dev install-hf clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-cpu: install-dev
 # how local SPLA's selection is on SmolLM2's activations (CPU, ~3 minutes; docs/benchmarks.md)
 bench-locality: install-hf
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_locality.py --T 4096 8192 --out out/locality
+
+# registers, spills and shared memory of every Triton kernel compiled for sm_90a (H100 / H200) on this CPU (~1.5 min)
+bench-kernels: install-dev
+	$(PY) benchmarks/kernel_resources.py --out out/kernels
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -37,7 +37,7 @@ from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-from spla.ops.spla.parallel import (LINEAR_CHUNK, TOPK_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _tile_unions,
+from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _tile_unions,
                                     _topk_tile, block_stats_fwd, dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd,
                                     sparse_union_fwd)
 
@@ -109,10 +109,9 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
         rec["linear_ms"] = bench(lambda: global_linear_fwd(feature_map_fwd(qf, "softmax2", dt),
                                                            feature_map_fwd(kf, "softmax2", dt), vf, meta, LINEAR_CHUNK))
         rec["select_nomerge_ms"] = bench(lambda: select_fwd(qf, stats, meta, merge=False, **sel))
-        # the selection at the other warp count than its default (8 for 32-block chunks since 2026-12-05, chosen
-        # from kernel_resources.py's spill counts; 4 before)
-        kc = TOPK_CHUNK or (32 if G >= 16 else 16)
-        alt_w = 4 if tile * triton.next_power_of_2(G) >= 128 or kc >= 32 else 8
+        # the selection at the other warp count than its default (kernel_resources.py: with 32-block chunks, the
+        # default for G >= 16, 4 warps spill 72 bytes per thread and 8 do not)
+        alt_w = 4 if tile * triton.next_power_of_2(G) >= 128 else 8
         rec["select_alt_warps"] = alt_w
         rec["select_alt_warps_ms"] = bench(lambda: select_fwd(qf, stats, meta, num_warps=alt_w, **sel))
         # bf16 statistics (parallel.STATS_16BIT): the time, and whether the selection is the same bit for bit

@@ -819,8 +819,9 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
     ``chunk``: candidate blocks scored per loop step (default :data:`TOPK_CHUNK`, else 32 for groups of 16 or more
     query heads, else 16; at least the padded top-k).
     ``merge=False`` skips the top-k merge (benchmark diagnostics only: the indices are then wrong).
-    ``num_warps``: default 8 for tiles of 128 rows or more and for 32-block chunks (at 4 warps the 32-block chunk
-    spills 72 bytes per thread on sm_90a with fp32 statistics, ``benchmarks/kernel_resources.py``), else 4.
+    ``num_warps``: default 8 for tiles of 128 rows or more, else 4 (measured; with 32-block chunks 4 warps spill 72
+    bytes per thread on sm_90a and 8 do not, ``benchmarks/kernel_resources.py``: ``bench_forward.py`` times the
+    other warp count beside the default, ``select_alt_warps_ms``).
     """
     T, HQ, D = q.shape
     KP = max(16, triton.next_power_of_2(topk))
@@ -837,7 +838,7 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
         KP=KP, KC=KC, R=rep_keys, RP=max(1, triton.next_power_of_2(rep_keys)),
         TOPK=topk, SINK=sink_blocks, LOCAL=local_blocks, BS=block_size, TAYLOR2=selection == "taylor2",
         DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), MERGE=merge,
-        num_warps=num_warps or (8 if tile * GP >= 128 or KC >= 32 else 4), num_stages=2)
+        num_warps=num_warps or (8 if tile * GP >= 128 else 4), num_stages=2)
     return indices
 
 
