@@ -220,8 +220,12 @@ def run_backward(records: list, HQ: int, H: int, D: int, dtype: torch.dtype):
 def run_decode(records: list, HQ: int, H: int, D: int, dtype: torch.dtype, B: int = 8, sweep: bool = True):
     """One decode step of the Triton cache (scoring, top-k, attention partials, combine) at batch ``B``, and
     (``sweep``) under each launch setting of ``bench_decode.py --sweep``."""
+    import spla.ops.spla.decode_kernels as DK
     from bench_decode import SWEEP, fill_state
-    from spla.ops.spla.decode_kernels import LAUNCH
+    LAUNCH = DK.LAUNCH
+    # the bf16 scoring operands a CUDA cache takes (on CPU tensors the op keeps fp32 ones for the interpreter)
+    lowp = DK._lowp_scores
+    DK._lowp_scores = lambda q, stats: q.dtype == stats.dtype == torch.bfloat16
     st = fill_state(B, 4096, HQ, H, D, BS, TOPK, dtype, "cpu")
     q = torch.randn(B, 1, HQ, D).to(dtype)
     k, v = (torch.randn(B, 1, H, D).to(dtype) for _ in range(2))
@@ -238,6 +242,7 @@ def run_decode(records: list, HQ: int, H: int, D: int, dtype: torch.dtype, B: in
                     st.step(q, k, v)
     finally:
         LAUNCH.update(base)
+        DK._lowp_scores = lowp
 
 
 COLS = ("label", "default", "kernel", "consts", "warps", "stages", "regs", "spill_st", "spill_ld", "stack", "shared_kb",
