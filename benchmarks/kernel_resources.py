@@ -96,6 +96,37 @@ def ptxas_usage(ptx: str) -> dict:
                 spill_ld=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
 
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+#: kernels whose SASS loops :func:`sass_loops` prints (``--sass NAME``)
+SASS_KERNELS: set = set()
+
+
+def sass_loops(cubin: bytes) -> list:
+    """The loops of a kernel's SASS (a backward branch to an earlier instruction closes one): per loop its length in
+    instructions and the count of each opcode (predicates and modifiers dropped), outermost first."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    loops = set()
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
+            loops.add((at[int(m.group(1), 16)], i))
+    out = []
+    for s0, e in sorted(loops):
+        ops: dict = {}
+        for _, text in ins[s0:e + 1]:
+            op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+            ops[op] = ops.get(op, 0) + 1
+        out.append(dict(first=s0, length=e - s0 + 1, ops=sorted(ops.items(), key=lambda x: -x[1])))
+    return [dict(total=len(ins))] + out
+
+
 def occupancy(regs: int, warps: int, shared: int) -> dict:
     """Programs of one kernel resident on an SM at once, by registers and by shared memory (0: does not fit)."""
     threads = 32 * warps
@@ -132,6 +163,12 @@ def compile_only(records: list, label: str = "", default: bool = True):
                    **occupancy(use["regs"], c["num_warps"], k.metadata.shared), compile_s=round(time.time() - t, 1))
         records.append(rec)
         print(" ".join(f"{n}={v}" for n, v in rec.items()), flush=True)
+        if fn.name in SASS_KERNELS:
+            loops = sass_loops(k.asm["cubin"])
+            print(f"# SASS of {fn.name} ({rec['consts']}, {rec['warps']} warps): {loops[0]['total']} instructions")
+            for lp in loops[1:]:
+                top = ", ".join(f"{op} {n}" for op, n in lp["ops"][:12])
+                print(f"#   loop at instruction {lp['first']}: {lp['length']} instructions per iteration; {top}")
         return True  # skip the launch
 
     old_driver, old_hook = driver._active, knobs.runtime.jit_cache_hook  # None on a machine without a GPU
@@ -262,8 +299,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--parts", nargs="+", choices=("fwd", "bwd", "decode"), default=["fwd", "bwd", "decode"])
     ap.add_argument("--no-sweep", action="store_true", help="only the default launch settings")
+    ap.add_argument("--sass", nargs="*", default=[], metavar="KERNEL",
+                    help="also print the loops of these kernels' SASS: instructions per iteration and the opcode mix")
     ap.add_argument("--out", default=None, help="also write kernel_resources.md there")
     args = ap.parse_args(argv)
+    SASS_KERNELS.update(args.sass)
     if not os.path.exists(PTXAS):
         print(f"needs Triton's CUDA backend with its ptxas ({PTXAS})", file=sys.stderr)
         return 1
