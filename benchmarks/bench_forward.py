@@ -202,7 +202,10 @@ COLS = ["T", "HQ", "H", "data", "stats_ms", "select_ms", "sparse_ms", "linear_ms
 #: none beat the defaults; docs/benchmarks.md). ``lin_atomic``: the KV-major path's deterministic=False
 SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, True) for r in (64, 128)
                        for w in (4, 8)],
-                "token": [dict(num_warps=4, num_stages=2)],
+                # keys per sub-tile (bk): 32 and 16 halve / quarter the shared memory of a pipeline stage, so 3-4
+                # programs fit on an SM instead of 2 (kernel_resources.py); not yet timed
+                "token": [dict(num_warps=4, num_stages=2)] + [dict(bk=b, num_warps=4, num_stages=st)
+                                                              for b, st in ((32, 2), (32, 4), (16, 3), (16, 4))],
                 "union": [dict(num_warps=w, num_stages=st, max_load=m) for w in (4, 8) for st in (1, 2)
                           for m in (0.25, 0.5, 1.0)]}
 
@@ -273,10 +276,10 @@ def main():
             HQ, H = map(int, hs.split(","))
             for T in args.T:
                 rows += sweep_sparse(T, HQ, H, 128, args.data)
-        lines = [f"GPU: {name}, data: {args.data}", "", "| T | HQ/H | path | rows | warps | stages | lin atomic | union max load | ms | o_rla rel. err vs first |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['T']} | {r['HQ']}/{r['H']} | {r['path']} | {r.get('rows', '')} | {r.get('num_warps', '')} | "
-                  f"{r.get('num_stages', '')} | {r.get('lin_atomic', '')} | {r.get('max_load', '')} | {r['ms']:.2f} | "
+        lines = [f"GPU: {name}, data: {args.data}", "", "| T | HQ/H | path | rows | keys per sub-tile | warps | stages | lin atomic | union max load | ms | o_rla rel. err vs first |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['HQ']}/{r['H']} | {r['path']} | {r.get('rows', '')} | {r.get('bk', '')} | "
+                  f"{r.get('num_warps', '')} | {r.get('num_stages', '')} | {r.get('lin_atomic', '')} | {r.get('max_load', '')} | {r['ms']:.2f} | "
                   f"{r.get('rel_err_vs_first', 0):.1e} |" for r in rows]
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sweep_sparse.md"), "w") as f:

@@ -162,26 +162,45 @@ def test_union_path(T, HQ, H, D, Dv, cu, residual, grads, load, monkeypatch):
             assert_close(f"d{name}", b, a, 1e-4)
 
 
+def _stage_inputs(T, HQ, H, D, bs, topk, cu, seed=5):
+    """The sparse stage's inputs from the Triton stages before it (packed `[T, ...]`): q, k, v, phi(q), phi(k),
+    the global term and its mass, the selection, the index tables, the selection tile and (block_size, scale)."""
+    import spla.ops.spla.parallel as P
+    from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
+    q, k, v = (x[0].contiguous() for x in _inputs(1, T, HQ, H, D, seed=seed))
+    tile = P._topk_tile(bs, HQ // H)
+    meta = P._prepare_meta(cu, bs, tile, DEVICE)
+    scale = D ** -0.5
+    stats = P.block_stats_fwd(k, meta, bs, 1, True)
+    idx = P.select_fwd(q, stats, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1, local_blocks=2,
+                       selection="taylor2", rep_keys=1, scale=scale)
+    fq, fk = feature_map_fwd(q, "softmax2", q.dtype), feature_map_fwd(k, "softmax2", q.dtype)
+    glob, gm = global_linear_fwd(fq, fk, v, meta, P.LINEAR_CHUNK)
+    return q, k, v, fq, fk, glob, gm, idx, meta, tile, dict(block_size=bs, scale=scale)
+
+
+@pytest.mark.parametrize("bk", [32, 16])
+def test_token_stage_key_subtiles(bk):
+    """The token-major stage with blocks walked in sub-tiles of 32 or 16 keys (``bk``, a launch setting) gives the
+    outputs and log-sum-exp of whole 64-key blocks, packed odd lengths, G = 3."""
+    import spla.ops.spla.parallel as P
+    T, HQ = 203, 6
+    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, (0, 150, 203))
+    lse_ref, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
+    ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse_ref, **sp)
+    out = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, **sp)
+    for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (lse_ref,)):
+        assert_close(f"bk={bk} {name}", b, a, 1e-5)
+
+
 @pytest.mark.parametrize("fallback,det", [("kv", True), ("kv", False), ("token", True)])
 def test_union_fallback_paths(fallback, det, monkeypatch):
     """The union stage's per-token fallback on either path (KV-major: deterministic partials or atomics, over
     several partial chunks), packed odd lengths with an empty sequence, G = 3: the same o, o_rla, rla_mass and
     log-sum-exp as the token-major stage on every row (fresh buffers are poisoned: an unwritten row shows)."""
     import spla.ops.spla.parallel as P
-    from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-    T, HQ, H, D, bs, topk = 130, 6, 2, 64, 16, 4
-    cu = (0, 29, 29, 100, 130)
-    q, k, v = _inputs(1, T, HQ, H, D, seed=5)
-    qf, kf, vf = q[0].contiguous(), k[0].contiguous(), v[0].contiguous()
-    tile = P._topk_tile(bs, HQ // H)
-    meta = P._prepare_meta(cu, bs, tile, DEVICE)
-    scale = D ** -0.5
-    stats = P.block_stats_fwd(kf, meta, bs, 1, True)
-    idx = P.select_fwd(qf, stats, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1, local_blocks=2,
-                       selection="taylor2", rep_keys=1, scale=scale)
-    fq, fk = feature_map_fwd(qf, "softmax2", q.dtype), feature_map_fwd(kf, "softmax2", q.dtype)
-    glob, gm = global_linear_fwd(fq, fk, vf, meta, P.LINEAR_CHUNK)
-    sp = dict(block_size=bs, scale=scale)
+    T, HQ, H, bs, topk = 130, 6, 2, 16, 4
+    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, H, 64, bs, topk, (0, 29, 29, 100, 130))
     ref_lse = torch.empty(T, HQ, device=DEVICE)
     ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=ref_lse, **sp)
     # partials for 11 tokens at a time (22 with atomics): the fallback's rows (tokens 77-99 here) span 3 (2) chunks

@@ -844,9 +844,10 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
 
 def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True,
                lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-               work: Optional[torch.Tensor] = None, out: Optional[tuple] = None):
+               work: Optional[torch.Tensor] = None, out: Optional[tuple] = None, bk: Optional[int] = None):
     """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
-    Token-major: one program per (token, KV head). Launch settings default to :data:`SPARSE_LAUNCH`.
+    Token-major: one program per (token, KV head). Launch settings (and ``bk``, keys per sub-tile) default to
+    :data:`SPARSE_LAUNCH`.
 
     ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
     ``lse``: an fp32 `[T, HQ]` buffer that receives the log2-sum-exp2 of the scaled scores (for the backward).
@@ -867,9 +868,9 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
             o, o_rla, rla_mass, rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G,
             GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
             BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
-            BK=max(16, min(64, triton.next_power_of_2(block_size))), TOPK=topk, BTOPK=triton.next_power_of_2(topk),
-            DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
-            WORK=work is not None, num_warps=num_warps or SPARSE_LAUNCH["token_warps"],
+            BK=max(16, min(bk or SPARSE_LAUNCH["token_bk"], triton.next_power_of_2(block_size))), TOPK=topk,
+            BTOPK=triton.next_power_of_2(topk), DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin,
+            STORE_LSE=lse is not None, WORK=work is not None, num_warps=num_warps or SPARSE_LAUNCH["token_warps"],
             num_stages=num_stages or SPARSE_LAUNCH["token_stages"])
     return o, o_rla, rla_mass
 
@@ -976,7 +977,7 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 #   1180 bytes of spills at 4 warps / 2 stages, 120 at 8 warps / 1 stage, none at 8 / 2 (3 stages do not fit);
 # - kvb_*: the KV-major key-gradient pass, rows per step of its attention part (PART 0) and of its linear part
 #   (PART 1, which holds fp32 dphi(k) [64, 256] and dv [64, 128]): 600 bytes of spills at 64 rows, none at 32.
-SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=8,
+SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=8,
                      union_stages=2, union_bwd_warps=8, union_bwd_stages=2, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8,
                      kvb_stages=1)
 
