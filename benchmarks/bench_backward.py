@@ -10,7 +10,8 @@ B=1, bf16, D=Dv=128, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 represen
 Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-major) and the atomic
 key-gradient pass, ``spla_fwdbwd_union_ms`` the deterministic one with ``SPARSE_PATH="union"`` (forward and the
 backward's query-side pass per query tile over the tile's union of selected blocks; ``spla_fwdbwd_union_w4_ms``
-the same with the backward's union kernel at 4 warps / 2 stages;
+the same with the backward's union kernel at 4 warps / 2 stages; ``bwd_<stage>_ms`` the deterministic backward's
+stages, timed inside one backward call with CUDA events (``parallel_spla_bwd``'s ``stage`` hook);
 ``spla_fwdbwd_kvb64_ms`` the default with the key-gradient pass's linear part at 64 rows per step, its setting
 before 2026-12-05), the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
 causal (flash backend, K/V expanded to the query heads outside the timing), fla ``parallel_nsa`` (G >= 16 only:
@@ -112,11 +113,52 @@ def make(T, HQ, H, D, seed=0, device="cuda", data="random"):
     return tuple(x.requires_grad_() for x in attention_inputs(1, T, HQ, H, D, data=data, device=device, seed=seed))
 
 
+def spla_opts(D):
+    """The options of ``parallel_spla_attn`` / ``parallel_spla_fwd`` this benchmark runs SPLA with."""
+    return dict(block_size=BS, topk=TOPK, sink_blocks=SINK, local_blocks=LOCAL, selection="taylor2", cov="diag",
+                rep_keys=R, feature_map_name="softmax2", scale=D ** -0.5, cu_seqlens=None)
+
+
+BWD_STAGES = ("features", "linear", "query", "keys", "features_bwd")
+
+
+def bwd_stage_ms(q, k, v, reps=5):
+    """Median ms of each stage of SPLA's backward (deterministic; ``parallel_spla_bwd``'s ``stage`` hook, CUDA
+    events around each stage inside one backward call) after one forward: {"bwd_<stage>_ms": ms}."""
+    import contextlib
+    import torch
+    from spla.ops.spla import parallel as P
+    opts = spla_opts(q.shape[-1])
+    with torch.no_grad():
+        o, o_rla, mass, idx, lse = P.parallel_spla_fwd(q, k, v, q, k, save_lse=True, **opts)
+    ws = [torch.randn_like(x) for x in (o, o_rla, mass)]
+    times = {n: [] for n in BWD_STAGES}
+    pending = []
+
+    @contextlib.contextmanager
+    def stage(name):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        yield
+        b.record()
+        pending.append((name, a, b))
+
+    for i in range(reps + 1):  # the first call warms up
+        pending.clear()
+        with torch.no_grad():
+            P.parallel_spla_bwd(q, k, v, q, k, o, lse, idx, *ws, block_size=opts["block_size"], scale=opts["scale"],
+                                feature_map_name=opts["feature_map_name"], deterministic=True, stage=stage)
+        torch.cuda.synchronize()
+        if i:
+            for name, a, b in pending:
+                times[name].append(a.elapsed_time(b))
+    return {f"bwd_{n}_ms": sorted(x)[len(x) // 2] for n, x in times.items() if x}
+
+
 def spla_fns(q, k, v, deterministic):
     import torch
     from spla.ops.spla import parallel as P
-    opts = dict(block_size=BS, topk=TOPK, sink_blocks=SINK, local_blocks=LOCAL, selection="taylor2", cov="diag",
-                rep_keys=R, feature_map_name="softmax2", scale=q.shape[-1] ** -0.5, cu_seqlens=None)
+    opts = spla_opts(q.shape[-1])
     do = torch.randn_like(q)
     do_rla = torch.randn_like(q)
 
@@ -162,6 +204,10 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True, data="random", union=
         rec["spla_fwd_ms"] = timeit(fwd, budget_s)
         rec["spla_fwdbwd_ms"] = timeit(fb_det, budget_s)
         rec["topk_fwdbwd_ms"] = timeit(fb_topk, budget_s)
+        try:
+            rec.update(bwd_stage_ms(q, k, v))
+        except Exception:
+            traceback.print_exc()
         # the key-gradient pass's linear part at 64 rows per step, its setting before 2026-12-05 (32 now: at 64 it
         # spills 600 bytes per thread on sm_90a, benchmarks/kernel_resources.py)
         lin_rows = P.SPARSE_LAUNCH["kvb_lin_rows"]
@@ -439,6 +485,11 @@ def main():
                             "spla_fwdbwd_kvb64_ms", "spla_fwdbwd_union_ms", "spla_fwdbwd_union_w4_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
                             "speedup_nsa",
                             "speedup_flex", "note"]))
+    if any("bwd_query_ms" in r for r in rows):
+        out += ["", "SPLA's backward by stage (deterministic, ms, medians of 5; features: phi(q), phi(k) and the live "
+                "rows; linear: the global linear term; query: the query-side pass over the selected blocks; keys: "
+                "the key-gradient pass; features_bwd: the feature maps' backward):", "",
+                table(rows, ["T", "HQ", "H", *(f"bwd_{n}_ms" for n in BWD_STAGES)])]
     if mem_rows:
         out += ["", table(mem_rows, ["T", "HQ", "H", "spla_peak_gib", "sdpa_peak_gib", "note"])]
     if model_rows:

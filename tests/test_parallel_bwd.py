@@ -358,3 +358,28 @@ def test_global_linear_launch_settings(launch, HQ, monkeypatch):
     grads = lin.global_linear_bwd(fq, fk, v, dg * lv[..., None].float(), dgm * lv.float(), live, meta, LINEAR_CHUNK)
     for n, a, x in zip(("dfq", "dfk", "dv"), grads, xs):
         assert_close(n, x.grad, a, 1e-5)
+
+
+def test_backward_stage_hook():
+    """``parallel_spla_bwd(stage=...)`` encloses its five stages in order, each once, and changes no gradient
+    (bitwise: the deterministic key-gradient pass)."""
+    import contextlib
+    T, HQ, H, D, bs = 77, 3, 1, 64, 16
+    q, k, v = _inputs(T, HQ, H, D, seed=4)[:3]
+    opts = dict(block_size=bs, topk=4, sink_blocks=1, local_blocks=2, selection="taylor2", cov="diag", rep_keys=1,
+                feature_map_name="softmax2", scale=D ** -0.5, cu_seqlens=None)
+    o, o_rla, mass, idx, lse = P.parallel_spla_fwd(q, k, v, q, k, save_lse=True, **opts)
+    ws = [torch.randn_like(x) for x in (o, o_rla, mass)]
+    bwd = dict(block_size=bs, scale=D ** -0.5, feature_map_name="softmax2", deterministic=True)
+    ref = P.parallel_spla_bwd(q, k, v, q, k, o, lse, idx, *ws, **bwd)
+    seen = []
+
+    @contextlib.contextmanager
+    def stage(name):
+        seen.append(name)
+        yield
+
+    out = P.parallel_spla_bwd(q, k, v, q, k, o, lse, idx, *ws, stage=stage, **bwd)
+    assert seen == ["features", "linear", "query", "keys", "features_bwd"]
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)

@@ -40,10 +40,11 @@ kernels (``linear.py``) that recompute the chunk states.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -1622,10 +1623,15 @@ def live_rows(indices: torch.Tensor, meta: dict, block_size: int) -> torch.Tenso
 
 def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_mass, *, block_size: int,
                       scale: float, feature_map_name: str, cu_seqlens=None, deterministic: Optional[bool] = None,
-                      residual: bool = True):
+                      residual: bool = True,
+                      stage: Optional[Callable[[str], contextlib.AbstractContextManager]] = None):
     """Gradients of q, k, v, q_lin, k_lin (`[B, T, ...]`) from the saved o, lse (`[B*T, HQ]`) and indices.
 
     ``residual=False`` (no linear branch in the forward): only the attention's gradients; q_lin, k_lin get None.
+    ``stage``: called with the name of each stage, in order (``"features"``: phi(q), phi(k) and the live rows;
+    ``"linear"``: the global linear term's gradients; ``"query"``: the query-side pass over the selected blocks;
+    ``"keys"``: the key-gradient pass; ``"features_bwd"``: the feature maps' backward), it returns a context
+    manager that encloses that stage (``benchmarks/bench_backward.py`` times them with CUDA events).
 
     Nothing quadratic is allocated: fp32 buffers of the inputs' sizes (dk, dv, dphi(q), dphi(k)), the O(T * topk)
     inverse index of the deterministic pass and, for the global linear term, one ``[T/64, H, F, DV]`` state.
@@ -1635,6 +1641,7 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
     G = HQ // H
     N = B * T
     det = DETERMINISTIC if deterministic is None else deterministic
+    stage = stage or (lambda name: contextlib.nullcontext())
     if cu_seqlens is None:
         cu = tuple(range(0, N + 1, T))
     else:
@@ -1649,11 +1656,13 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
         do_rla = torch.zeros_like(of) if do_rla is None else do_rla.reshape(N, HQ, DV).contiguous()
         drla_mass = (torch.zeros(N, HQ, dtype=torch.float32, device=q.device) if drla_mass is None
                      else drla_mass.reshape(N, HQ).float().contiguous())
-        fq = feature_map_fwd(qlf, feature_map_name, q.dtype)
-        fk = feature_map_fwd(klf, feature_map_name, q.dtype)
-        live = live_rows(idx, meta, block_size)
+        with stage("features"):
+            fq = feature_map_fwd(qlf, feature_map_name, q.dtype)
+            fk = feature_map_fwd(klf, feature_map_name, q.dtype)
+            live = live_rows(idx, meta, block_size)
         # the global linear term: fp32 dphi(q), dphi(k), dv that the sparse passes add into
-        dfq, dfk, dv = global_linear_bwd(fq, fk, vf, do_rla, drla_mass, live, meta, LINEAR_CHUNK)
+        with stage("linear"):
+            dfq, dfk, dv = global_linear_bwd(fq, fk, vf, do_rla, drla_mass, live, meta, LINEAR_CHUNK)
     else:  # no linear branch: the kernels (LIN=False) read none of these placeholders
         fq, fk, do_rla, dfq, dfk = qf, kf, of, qf, kf
         drla_mass = live = lse
@@ -1669,66 +1678,69 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
     outs = (dq, dfq, delta, dk, dv, dfk, scale)
     shared = dict(BS=block_size, BK=max(16, min(64, triton.next_power_of_2(block_size))),
                   BTOPK=triton.next_power_of_2(topk), ATOMIC=not det, LIN=residual, **common)
-    tile = _topk_tile(block_size, G)
-    work = None
-    if SPARSE_PATH == "union" and tile:
-        ulist, ucount = _tile_unions(idx, meta, tile)
-        uwork, work = _union_split(ucount, meta, tile, UNION_MAX_LOAD * tile * topk)
-        if uwork.numel() > 0:
-            spla_bwd_kernel_sparse_union[(uwork.numel(),)](
-                *args, ulist, ucount, uwork, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], *outs,
-                GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], **shared,
-                num_warps=SPARSE_LAUNCH["union_bwd_warps"], num_stages=SPARSE_LAUNCH["union_bwd_stages"])
-        del ulist, ucount, uwork
-    if work is None or work.numel() > 0:
-        spla_bwd_kernel_sparse[(N, H) if work is None else (work.numel(), 1)](
-            *args, meta["tok_bos"], meta["tok_bos"] if work is None else work, *outs,
-            GP=max(16, triton.next_power_of_2(G)), WORK=work is not None, **shared, num_warps=4, num_stages=2)
-    del work
-    if det:
-        NBA = meta["all_tok"].numel()
-        # work items of at most KV_CAP (token, slot) entries: a block every token selects (the sinks) is split
-        # into chunks whose partials are summed in order, so no program walks all T tokens alone
-        perm, wkey, wstart, wend = _kv_worklist(idx, meta["tok_aoff"], NBA, KV_CAP)
-        wend = torch.minimum(wend, wstart + KV_CAP)  # _kv_worklist gives the end of the block's entries
-        nitem = torch.bincount(wkey, minlength=H * NBA)
-        split = nitem[wkey] > 1
-        wslot = torch.where(split, torch.cumsum(split, 0) - 1, -1)
-        NP = int(split.sum())
-        BSP = max(16, triton.next_power_of_2(block_size))
-        PA = max(D, F)
-        part_a = q.new_empty(max(NP, 1), BSP, PA, dtype=torch.float32)
-        part_v = q.new_empty(max(NP, 1), BSP, DV, dtype=torch.float32)
-        red_key = torch.nonzero(nitem > 1).flatten()
-        red_n = nitem[red_key]
-        red_first = torch.cumsum(red_n, 0) - red_n
-        GP = triton.next_power_of_2(G)
-        for part in ((0, 1) if residual else (0,)) if wkey.numel() > 0 else ():
-            # rows (tokens x group heads) per step; fp32 tiles are twice the bytes: halve them to stay in shared
-            # memory
-            rows = SPARSE_LAUNCH["kvb_rows" if part == 0 else "kvb_lin_rows"]
-            BQ = max(1, (rows // 2 if q.dtype == torch.float32 else rows) // GP)
-            while BQ * GP < 16:
-                BQ *= 2
-            spla_bwd_kernel_sparse_kv[(wkey.numel(),)](
-                qf, kf, vf, fq, fk, do, do_rla, drla_mass, lse, delta, live, wkey, wstart, wend, perm,
-                meta["all_tok"], meta["all_len"], dk, dv, dfk, wslot, part_a, part_v, scale, NBA, GP=GP,
-                BSP=BSP, BQ=BQ, PART=part, PA=PA, **common, num_warps=SPARSE_LAUNCH["kvb_warps"],
-                num_stages=SPARSE_LAUNCH["kvb_stages"])
-            if red_key.numel() > 0:
-                DA = D if part == 0 else F
-                spla_bwd_kernel_kv_reduce[(red_key.numel(),)](
-                    part_a, part_v, dk if part == 0 else dfk, dv, red_key, red_first, red_n, meta["all_tok"],
-                    meta["all_len"], NBA, H=H, DA=DA, BDA=triton.next_power_of_2(DA), DV=DV,
-                    BDV=triton.next_power_of_2(DV), BSP=BSP, PA=PA, num_warps=8)
-        del perm, wkey, wstart, wend, wslot, part_a, part_v
+    with stage("query"):
+        tile = _topk_tile(block_size, G)
+        work = None
+        if SPARSE_PATH == "union" and tile:
+            ulist, ucount = _tile_unions(idx, meta, tile)
+            uwork, work = _union_split(ucount, meta, tile, UNION_MAX_LOAD * tile * topk)
+            if uwork.numel() > 0:
+                spla_bwd_kernel_sparse_union[(uwork.numel(),)](
+                    *args, ulist, ucount, uwork, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], *outs,
+                    GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], **shared,
+                    num_warps=SPARSE_LAUNCH["union_bwd_warps"], num_stages=SPARSE_LAUNCH["union_bwd_stages"])
+            del ulist, ucount, uwork
+        if work is None or work.numel() > 0:
+            spla_bwd_kernel_sparse[(N, H) if work is None else (work.numel(), 1)](
+                *args, meta["tok_bos"], meta["tok_bos"] if work is None else work, *outs,
+                GP=max(16, triton.next_power_of_2(G)), WORK=work is not None, **shared, num_warps=4, num_stages=2)
+        del work
+    with stage("keys"):
+        if det:
+            NBA = meta["all_tok"].numel()
+            # work items of at most KV_CAP (token, slot) entries: a block every token selects (the sinks) is split
+            # into chunks whose partials are summed in order, so no program walks all T tokens alone
+            perm, wkey, wstart, wend = _kv_worklist(idx, meta["tok_aoff"], NBA, KV_CAP)
+            wend = torch.minimum(wend, wstart + KV_CAP)  # _kv_worklist gives the end of the block's entries
+            nitem = torch.bincount(wkey, minlength=H * NBA)
+            split = nitem[wkey] > 1
+            wslot = torch.where(split, torch.cumsum(split, 0) - 1, -1)
+            NP = int(split.sum())
+            BSP = max(16, triton.next_power_of_2(block_size))
+            PA = max(D, F)
+            part_a = q.new_empty(max(NP, 1), BSP, PA, dtype=torch.float32)
+            part_v = q.new_empty(max(NP, 1), BSP, DV, dtype=torch.float32)
+            red_key = torch.nonzero(nitem > 1).flatten()
+            red_n = nitem[red_key]
+            red_first = torch.cumsum(red_n, 0) - red_n
+            GP = triton.next_power_of_2(G)
+            for part in ((0, 1) if residual else (0,)) if wkey.numel() > 0 else ():
+                # rows (tokens x group heads) per step; fp32 tiles are twice the bytes: halve them to stay in shared
+                # memory
+                rows = SPARSE_LAUNCH["kvb_rows" if part == 0 else "kvb_lin_rows"]
+                BQ = max(1, (rows // 2 if q.dtype == torch.float32 else rows) // GP)
+                while BQ * GP < 16:
+                    BQ *= 2
+                spla_bwd_kernel_sparse_kv[(wkey.numel(),)](
+                    qf, kf, vf, fq, fk, do, do_rla, drla_mass, lse, delta, live, wkey, wstart, wend, perm,
+                    meta["all_tok"], meta["all_len"], dk, dv, dfk, wslot, part_a, part_v, scale, NBA, GP=GP,
+                    BSP=BSP, BQ=BQ, PART=part, PA=PA, **common, num_warps=SPARSE_LAUNCH["kvb_warps"],
+                    num_stages=SPARSE_LAUNCH["kvb_stages"])
+                if red_key.numel() > 0:
+                    DA = D if part == 0 else F
+                    spla_bwd_kernel_kv_reduce[(red_key.numel(),)](
+                        part_a, part_v, dk if part == 0 else dfk, dv, red_key, red_first, red_n, meta["all_tok"],
+                        meta["all_len"], NBA, H=H, DA=DA, BDA=triton.next_power_of_2(DA), DV=DV,
+                        BDV=triton.next_power_of_2(DV), BSP=BSP, PA=PA, num_warps=8)
+            del perm, wkey, wstart, wend, wslot, part_a, part_v
     del fq, fk, delta, live, do, do_rla, drla_mass
     if not residual:
         return dq.view_as(q), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), None, None
-    dql = feature_map_bwd(qlf, dfq, feature_map_name)
-    del dfq
-    dkl = feature_map_bwd(klf, dfk, feature_map_name)
-    del dfk
+    with stage("features_bwd"):
+        dql = feature_map_bwd(qlf, dfq, feature_map_name)
+        del dfq
+        dkl = feature_map_bwd(klf, dfk, feature_map_name)
+        del dfk
     return (dq.view_as(q), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), dql.view_as(q_lin),
             dkl.view_as(k_lin))
 
