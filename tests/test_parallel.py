@@ -437,11 +437,12 @@ def test_gpu_select_16bit_statistics(monkeypatch):
         s16 = P.block_stats_fwd(k[0], meta, 64, 1, True, torch.bfloat16)
         for a, b in zip(s32, s16):
             assert torch.equal(a.to(torch.bfloat16), b)
+        monkeypatch.setattr(P, "STATS_16BIT", False)  # fp32 statistics
+        assert P.selection_stats_dtype(q[0]) == torch.float32
         ref = spla_attn(q, k, v, backend="triton").indices
-        monkeypatch.setattr(P, "STATS_16BIT", True)
+        monkeypatch.setattr(P, "STATS_16BIT", True)  # the default
         assert P.selection_stats_dtype(q[0]) == torch.bfloat16
         assert torch.equal(spla_attn(q, k, v, backend="triton").indices, ref)
-        monkeypatch.setattr(P, "STATS_16BIT", False)
 
 
 @pytest.mark.gpu

@@ -82,9 +82,22 @@ TOPK_ROWS = 64
 TOPK_CHUNK: Optional[int] = None
 # store the selection's block statistics in the 16-bit input dtype (selection_stats_dtype): the scoring kernel's
 # dot operands are rounded to it on load anyway, so the selection is the same bit for bit with half the bytes read.
-# Written and CPU-tested in the second session of 2026-12-04, not yet timed on a GPU: off until it is
-# (bench_forward.py times it as select_stats16_ms)
-STATS_16BIT = False
+# On by default since 2026-12-05: on an H200 at 64k (bench_forward.py, select_stats16_ms) the selection took 10.4
+# against 15.3 ms (32/8) and 16.7 against 26.1 ms (64/4) with the same indices bit for bit
+STATS_16BIT = os.environ.get("SPLA_STATS_16BIT", "1") != "0"
+# the backward's query-side pass: "union" (per query tile over the tile's union of selected blocks, token-major
+# fallback for large unions), "token" (per token), or "auto": union for groups under 8 query heads per KV head (or
+# when SPARSE_PATH is "union"), else token. On an H200 at 64k on AR(1) queries with a real model's locality the
+# union path made forward+backward 165.8 ms against 204.2 for 32/8 and 246.5 against 237.0 for 64/4
+# (bench_backward.py --data local, spla_fwdbwd_union_ms, which also runs the forward's union stage)
+BWD_QUERY_PATH = os.environ.get("SPLA_BWD_QUERY_PATH", "auto")
+
+
+def _bwd_query_path(G: int) -> str:
+    """The backward's query-side pass for group size ``G`` (:data:`BWD_QUERY_PATH`)."""
+    if BWD_QUERY_PATH != "auto":
+        return BWD_QUERY_PATH
+    return "union" if SPARSE_PATH == "union" or G < 8 else "token"
 
 
 @triton.jit
@@ -1673,7 +1686,7 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
     delta = q.new_empty(N, HQ, dtype=torch.float32)
     common = dict(HQ=HQ, H=H, G=G, D=D, BD=triton.next_power_of_2(D), DV=DV, BDV=triton.next_power_of_2(DV), F=F,
                   BF=triton.next_power_of_2(F), TOPK=topk, DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype))
-    # the query-side pass: token-major, or (SPARSE_PATH="union") per query tile where its union is small
+    # the query-side pass: token-major, or (_bwd_query_path: "union") per query tile where its union is small
     args = (qf, kf, vf, fq, fk, of, do, do_rla, drla_mass, lse, live, idx)
     outs = (dq, dfq, delta, dk, dv, dfk, scale)
     shared = dict(BS=block_size, BK=max(16, min(64, triton.next_power_of_2(block_size))),
@@ -1681,7 +1694,7 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
     with stage("query"):
         tile = _topk_tile(block_size, G)
         work = None
-        if SPARSE_PATH == "union" and tile:
+        if _bwd_query_path(G) == "union" and tile:
             ulist, ucount = _tile_unions(idx, meta, tile)
             uwork, work = _union_split(ucount, meta, tile, UNION_MAX_LOAD * tile * topk)
             if uwork.numel() > 0:
