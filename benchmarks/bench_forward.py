@@ -206,8 +206,12 @@ SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, 
                 # programs fit on an SM instead of 2 (kernel_resources.py); not yet timed
                 "token": [dict(num_warps=4, num_stages=2)] + [dict(bk=b, num_warps=4, num_stages=st)
                                                               for b, st in ((32, 2), (32, 4), (16, 3), (16, 4))],
-                "union": [dict(num_warps=w, num_stages=st, max_load=m) for w in (4, 8) for st in (1, 2)
-                          for m in (0.25, 0.5, 1.0)]}
+                # the union stage: warps / stages, the fallback threshold, the union tile (``tile_x``: times the
+                # selection's tile, 16 tokens for G = 4, 4 for G = 16) and keys per sub-tile
+                "union": [dict(num_warps=8, num_stages=2, max_load=m) for m in (0.5, 0.25, 1.0)]
+                         + [dict(num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 1), (4, 1))]
+                         + [dict(tile_x=x, num_warps=w) for x in (0.5, 0.25, 2) for w in (4, 8)]
+                         + [dict(bk=32, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (8, 3))]}
 
 
 def sweep_sparse(T, HQ, H, D, data="random"):
@@ -230,6 +234,10 @@ def sweep_sparse(T, HQ, H, D, data="random"):
             for st in SPARSE_SWEEP[path]:
                 st = dict(st)
                 atomic = st.pop("lin_atomic", False)
+                if "tile_x" in st:
+                    st["tile"] = int(tile * st.pop("tile_x"))
+                    if st["tile"] * triton.next_power_of_2(G) < 16:  # below the 16-row minimum
+                        continue
                 if path == "kv":
                     st["deterministic"] = not atomic
                 run = lambda: fn(q, k, v, fq, fk, glob.clone(), gm.clone(), idx, meta, block_size=BS, scale=scale, **st)
@@ -276,11 +284,12 @@ def main():
             HQ, H = map(int, hs.split(","))
             for T in args.T:
                 rows += sweep_sparse(T, HQ, H, 128, args.data)
-        lines = [f"GPU: {name}, data: {args.data}", "", "| T | HQ/H | path | rows | keys per sub-tile | warps | stages | lin atomic | union max load | ms | o_rla rel. err vs first |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['T']} | {r['HQ']}/{r['H']} | {r['path']} | {r.get('rows', '')} | {r.get('bk', '')} | "
-                  f"{r.get('num_warps', '')} | {r.get('num_stages', '')} | {r.get('lin_atomic', '')} | {r.get('max_load', '')} | {r['ms']:.2f} | "
-                  f"{r.get('rel_err_vs_first', 0):.1e} |" for r in rows]
+        lines = [f"GPU: {name}, data: {args.data}", "",
+                 "| T | HQ/H | path | rows | union tile | keys per sub-tile | warps | stages | lin atomic | union max load "
+                 "| ms | o_rla rel. err vs first |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['HQ']}/{r['H']} | {r['path']} | {r.get('rows', '')} | {r.get('tile', '')} | "
+                  f"{r.get('bk', '')} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r.get('lin_atomic', '')} "
+                  f"| {r.get('max_load', '')} | {r['ms']:.2f} | {r.get('rel_err_vs_first', 0):.1e} |" for r in rows]
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sweep_sparse.md"), "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -217,6 +217,26 @@ def test_union_fallback_paths(fallback, det, monkeypatch):
         assert_close(f"{fallback} {name}", b, a, 1e-5)
 
 
+@pytest.mark.parametrize("utile,bk", [(8, 64), (4, 32), (16, 16), (2, 64)])
+def test_union_tile_and_key_subtiles(utile, bk, monkeypatch):
+    """The union stage over tiles other than the selection's 16 tokens (8 and 4, and 2, which is raised to the
+    16-row minimum: 4 tokens x 4 padded heads for G = 3), with 64-, 32- and 16-key sub-tiles, gives the token-major
+    stage's o, o_rla, rla_mass and lse on every row: packed odd lengths, G = 3, block 64, poisoned buffers. The
+    tile comes from ``SPARSE_LAUNCH["union_tile"]``; one that is not a power of two is a ValueError."""
+    import spla.ops.spla.parallel as P
+    T, HQ = 203, 6
+    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, (0, 150, 203))
+    assert tile == 16 and meta["tile"] == 16
+    lse_ref, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
+    ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse_ref, **sp)
+    monkeypatch.setitem(P.SPARSE_LAUNCH, "union_tile", utile)
+    out = P.sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, max_load=1.0, **sp)
+    for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (lse_ref,)):
+        assert_close(f"tile={utile} bk={bk} {name}", b, a, 1e-5)
+    with pytest.raises(ValueError, match="power of two"):
+        P.sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=12, **sp)
+
+
 def test_union_split():
     """The fallback split: (tile, head) pairs with small unions, and every token (not past its sequence) of the
     others, per head."""

@@ -786,6 +786,7 @@ def _prepare_meta(cu: Tuple[int, ...], block_size: int, tile: int, device) -> di
         chunk_bos=bos[csid], chunk_t0=cloc, chunk_len=lens[csid],
     )
     meta = {n: x.to(device) for n, x in meta.items()}
+    meta.update(cu=cu, block_size=block_size, tile=tile)  # the layout itself, to re-tile it (sparse_union_fwd)
     if len(_META_CACHE) > 64:
         _META_CACHE.clear()
     _META_CACHE[key] = meta
@@ -930,10 +931,11 @@ def _dense_path(G: int) -> str:
     return "token" if G >= 8 else "kv"
 
 
-def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, tile: int,
-                     lin: bool = True, lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
-                     num_stages: Optional[int] = None, max_load: Optional[float] = None,
-                     deterministic: Optional[bool] = None, fallback_path: Optional[str] = None):
+def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
+                     tile: Optional[int] = None, lin: bool = True, lse: Optional[torch.Tensor] = None,
+                     num_warps: Optional[int] = None, num_stages: Optional[int] = None, bk: Optional[int] = None,
+                     max_load: Optional[float] = None, deterministic: Optional[bool] = None,
+                     fallback_path: Optional[str] = None):
     """Query-tile sparse stage (``spla_fwd_kernel_sparse_union``): per tile of ``tile`` consecutive tokens (the
     selection's tiles, ``meta``) and KV head, the union of their selected blocks is loaded once for all their rows.
     Returns (o, o_rla, rla_mass) as :func:`sparse_fwd`; the same outputs up to rounding. It reads
@@ -945,11 +947,23 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     token-major kernel's 16-row tiles do. 0 sends every tile to the fallback, 1 none. The fallback
     (``fallback_path``, default the path ``SPARSE_PATH="auto"`` takes for this group size) is the token-major
     stage (:func:`sparse_fwd`) or the KV-major one (:func:`sparse_kv_fwd`, ``deterministic`` as there) on those
-    (token, KV head) rows alone."""
+    (token, KV head) rows alone.
+
+    ``tile`` (default ``SPARSE_LAUNCH["union_tile"]``, else the selection's tile that ``meta`` was made for): tokens
+    per union tile, raised to at least 16 rows (tokens x padded group heads); a smaller tile has a smaller union
+    (less score work per row) and fewer rows per matrix product. ``bk`` (default ``SPARSE_LAUNCH["union_bk"]``):
+    keys per sub-tile of a block."""
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G = HQ // H
+    GP = triton.next_power_of_2(G)
     topk = indices.shape[-1]
+    tile = max(tile or SPARSE_LAUNCH["union_tile"] or meta["tile"], triton.cdiv(16, GP))
+    if tile & (tile - 1):
+        raise ValueError(f"the union tile must be a power of two, got {tile}")
+    if tile != meta["tile"]:
+        meta = _prepare_meta(meta["cu"], meta["block_size"], tile, q.device)
+    bk = max(16, min(bk or SPARSE_LAUNCH["union_bk"], triton.next_power_of_2(block_size)))
     ulist, ucount = _tile_unions(indices, meta, tile)
     work, fallback = _union_split(ucount, meta, tile, (UNION_MAX_LOAD if max_load is None else max_load) * tile * topk)
     out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
@@ -958,9 +972,8 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
         spla_fwd_kernel_sparse_union[(work.numel(),)](
             q, k, v, fq, fk, glob, glob_mass, indices, ulist, ucount, work, meta["tile_bos"], meta["tile_t0"],
             meta["tile_len"], o, o_rla, rla_mass, rla_mass if lse is None else lse, scale,
-            HQ=HQ, H=H, G=G, GP=triton.next_power_of_2(G), D=D, BD=triton.next_power_of_2(D), DV=DV,
-            BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
-            BK=max(16, min(64, triton.next_power_of_2(block_size))), BT=tile, TOPK=topk,
+            HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), DV=DV,
+            BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=bk, BT=tile, TOPK=topk,
             BTOPK=triton.next_power_of_2(topk), UMAX=ulist.shape[-1], DOT_PREC=_dot_prec(q.dtype),
             CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
             num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
@@ -991,9 +1004,11 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 #   1180 bytes of spills at 4 warps / 2 stages, 120 at 8 warps / 1 stage, none at 8 / 2 (3 stages do not fit);
 # - kvb_*: the KV-major key-gradient pass, rows per step of its attention part (PART 0) and of its linear part
 #   (PART 1, which holds fp32 dphi(k) [64, 256] and dv [64, 128]): 600 bytes of spills at 64 rows, none at 32.
+# - union_tile / union_bk: the forward's union tile (None: the selection's tile, 16 tokens for G = 4, 4 for G = 16)
+#   and keys per sub-tile; `--sweep-sparse` times smaller ones (smaller unions, less shared memory per stage).
 SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=8,
-                     union_stages=2, union_bwd_warps=8, union_bwd_stages=2, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8,
-                     kvb_stages=1)
+                     union_stages=2, union_tile=None, union_bk=64, union_bwd_warps=8, union_bwd_stages=2, kvb_rows=64,
+                     kvb_lin_rows=32, kvb_warps=8, kvb_stages=1)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
@@ -1174,7 +1189,7 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
         fq, fk, glob, glob_mass = qf, kf, qf, qf
     path = SPARSE_PATH if SPARSE_PATH != "auto" else _dense_path(G)
     if path == "union" and tile:
-        sparse = functools.partial(sparse_union_fwd, tile=tile, deterministic=deterministic)
+        sparse = functools.partial(sparse_union_fwd, deterministic=deterministic)
     elif path == "kv":
         sparse = functools.partial(sparse_kv_fwd, deterministic=deterministic)
     else:
