@@ -444,17 +444,19 @@ def spla_fwd_kernel_sparse(
     b_ms = tl.zeros([GP], dtype=tl.float32)
     b_cnt = tl.zeros([BK], dtype=tl.int32)
     o_s = tl.arange(0, BK)
-    for i in range(n_sel):
-        j = tl.load(indices + (i_t * H + i_h) * TOPK + i).to(tl.int64)
-        for s0 in range(0, BS, BK):
-            o_p = j * BS + s0 + o_s
-            m_p = ((s0 + o_s) < BS) & (o_p <= pos)
-            p_kv = (bos + o_p) * H + i_h
-            # a sub-tile past the query can be fully masked (the helper keeps -inf rows from producing NaN)
-            b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
-                b_q, b_fq, k, v, fk, p_kv, m_p, m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin,
-                b_ms, qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
-            b_cnt += m_p.to(tl.int32)
+    # one flat loop over (selected block, key sub-tile): the software pipeliner only overlaps innermost loops
+    NS: tl.constexpr = (BS + BK - 1) // BK
+    for it in range(n_sel * NS):
+        j = tl.load(indices + (i_t * H + i_h) * TOPK + it // NS).to(tl.int64)
+        s0 = (it % NS) * BK
+        o_p = j * BS + s0 + o_s
+        m_p = ((s0 + o_s) < BS) & (o_p <= pos)
+        p_kv = (bos + o_p) * H + i_h
+        # a sub-tile past the query can be fully masked (the helper keeps -inf rows from producing NaN)
+        b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
+            b_q, b_fq, k, v, fk, p_kv, m_p, m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin,
+            b_ms, qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
+        b_cnt += m_p.to(tl.int32)
     b_o = b_acc / b_li[:, None]
     m_o = m_g[:, None] & m_v[None, :]
     tl.store(o + p_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_o)
@@ -545,20 +547,22 @@ def spla_fwd_kernel_sparse_union(
     b_ms = tl.zeros([BT * GP], dtype=tl.float32)
     b_cnt = tl.zeros([BT * GP], dtype=tl.int32)
     o_s = tl.arange(0, BK)
-    for u in range(n_u):
-        j = tl.load(ulist + (i_n * H + i_h) * UMAX + u).to(tl.int64)
+    # one flat loop over (union block, key sub-tile): the software pipeliner only overlaps innermost loops
+    NS: tl.constexpr = (BS + BK - 1) // BK
+    for it in range(n_u * NS):
+        j = tl.load(ulist + (i_n * H + i_h) * UMAX + it // NS).to(tl.int64)
+        s0 = (it % NS) * BK
         # rows whose token selected block j
         m_rj = m_r & (tl.sum((b_sel == j).to(tl.int32), 1) > 0)
-        for s0 in range(0, BS, BK):
-            o_p = j * BS + s0 + o_s
-            m_p = ((s0 + o_s) < BS) & (o_p < L)
-            m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
-            p_kv = (bos + o_p) * H + i_h
-            # rows that see nothing of this sub-tile keep their state
-            b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
-                b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
-                qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
-            b_cnt += tl.sum(m_s.to(tl.int32), 1)
+        o_p = j * BS + s0 + o_s
+        m_p = ((s0 + o_s) < BS) & (o_p < L)
+        m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
+        p_kv = (bos + o_p) * H + i_h
+        # rows that see nothing of this sub-tile keep their state
+        b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
+            b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
+            qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
+        b_cnt += tl.sum(m_s.to(tl.int32), 1)
     # every valid row sees at least itself (its own block is always selected)
     b_li = tl.where(m_r, b_li, 1.)
     m_o = m_r[:, None] & m_v[None, :]
@@ -1369,15 +1373,16 @@ def spla_bwd_kernel_sparse(
     b_dq = tl.zeros([GP, BD], dtype=tl.float32)
     b_dfq = tl.zeros([GP, BF], dtype=tl.float32)
     o_s = tl.arange(0, BK)
-    for i in range(n_sel):
-        j = tl.load(indices + (i_t * H + i_h) * TOPK + i).to(tl.int64)
-        for s0 in range(0, BS, BK):
-            o_p = j * BS + s0 + o_s
-            m_p = ((s0 + o_s) < BS) & (o_p <= pos)
-            b_dq, b_dfq = _grad_subtile(
-                b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p,
-                m_g[:, None] & m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F,
-                DOT_PREC, CDT, LIN, ATOMIC)
+    NS: tl.constexpr = (BS + BK - 1) // BK  # one flat loop over (selected block, key sub-tile), as in the forward
+    for it in range(n_sel * NS):
+        j = tl.load(indices + (i_t * H + i_h) * TOPK + it // NS).to(tl.int64)
+        s0 = (it % NS) * BK
+        o_p = j * BS + s0 + o_s
+        m_p = ((s0 + o_s) < BS) & (o_p <= pos)
+        b_dq, b_dfq = _grad_subtile(
+            b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p,
+            m_g[:, None] & m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F,
+            DOT_PREC, CDT, LIN, ATOMIC)
     _store_grad_rows(dq, dfq, p_row, m_g, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale, D, F, LIN)
 
 
@@ -1457,17 +1462,18 @@ def spla_bwd_kernel_sparse_union(
     b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
     b_dfq = tl.zeros([BT * GP, BF], dtype=tl.float32)
     o_s = tl.arange(0, BK)
-    for u in range(n_u):
-        j = tl.load(ulist + (i_n * H + i_h) * UMAX + u).to(tl.int64)
+    NS: tl.constexpr = (BS + BK - 1) // BK  # one flat loop over (union block, key sub-tile), as in the forward
+    for it in range(n_u * NS):
+        j = tl.load(ulist + (i_n * H + i_h) * UMAX + it // NS).to(tl.int64)
+        s0 = (it % NS) * BK
         # rows whose token selected block j
         m_rj = m_r & (tl.sum((b_sel == j).to(tl.int32), 1) > 0)
-        for s0 in range(0, BS, BK):
-            o_p = j * BS + s0 + o_s
-            m_p = ((s0 + o_s) < BS) & (o_p < L)
-            m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
-            b_dq, b_dfq = _grad_subtile(
-                b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p, m_s,
-                o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, ATOMIC)
+        o_p = j * BS + s0 + o_s
+        m_p = ((s0 + o_s) < BS) & (o_p < L)
+        m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
+        b_dq, b_dfq = _grad_subtile(
+            b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p, m_s,
+            o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, ATOMIC)
     _store_grad_rows(dq, dfq, p_row, m_r, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale, D, F, LIN)
 
 
