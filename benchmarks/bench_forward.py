@@ -214,6 +214,17 @@ SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, 
                          + [dict(bk=32, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (8, 3))]}
 
 
+def sweep_setting(setting: dict, tile: int, G: int):
+    """One SPARSE_SWEEP entry as keyword arguments of its stage (``tile_x`` resolved against the selection's tile),
+    or None when it falls below the union kernel's 16 rows (tokens x padded group heads)."""
+    st = dict(setting)
+    if "tile_x" in st:
+        st["tile"] = int(tile * st.pop("tile_x"))
+        if st["tile"] * triton.next_power_of_2(G) < 16:
+            return None
+    return st
+
+
 def sweep_sparse(T, HQ, H, D, data="random"):
     """Time the sparse stages (KV-major, token-major, query-tile union) under each setting of SPARSE_SWEEP."""
     dt = torch.bfloat16
@@ -232,12 +243,10 @@ def sweep_sparse(T, HQ, H, D, data="random"):
         union = functools.partial(sparse_union_fwd, tile=tile)
         for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd), ("union", union)):
             for st in SPARSE_SWEEP[path]:
-                st = dict(st)
+                st = sweep_setting(st, tile, G)
+                if st is None:
+                    continue
                 atomic = st.pop("lin_atomic", False)
-                if "tile_x" in st:
-                    st["tile"] = int(tile * st.pop("tile_x"))
-                    if st["tile"] * triton.next_power_of_2(G) < 16:  # below the 16-row minimum
-                        continue
                 if path == "kv":
                     st["deterministic"] = not atomic
                 run = lambda: fn(q, k, v, fq, fk, glob.clone(), gm.clone(), idx, meta, block_size=BS, scale=scale, **st)

@@ -208,7 +208,7 @@ def run_forward(records: list, HQ: int, H: int, D: int, dtype: torch.dtype, swee
             with compile_only(records, f"{HQ}/{H} fwd {sp}"):
                 P.parallel_spla_fwd(q, k, v, q, k, **opts)
         if sweep:
-            from bench_forward import SPARSE_SWEEP
+            from bench_forward import SPARSE_SWEEP, sweep_setting
             G = HQ // H
             tile = P._topk_tile(BS, G)
             meta = P._prepare_meta((0, T), BS, tile, "cpu")
@@ -218,7 +218,9 @@ def run_forward(records: list, HQ: int, H: int, D: int, dtype: torch.dtype, swee
             fns = dict(kv=P.sparse_kv_fwd, token=P.sparse_fwd, union=functools.partial(P.sparse_union_fwd, tile=tile))
             for sp, settings in SPARSE_SWEEP.items():
                 for s in settings:
-                    s = dict(s)
+                    s = sweep_setting(s, tile, G)
+                    if s is None:
+                        continue
                     if "lin_atomic" in s:
                         s["deterministic"] = not s.pop("lin_atomic")
                     with compile_only(records, f"{HQ}/{H} sweep {sp}", default=False):
