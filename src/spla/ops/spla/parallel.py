@@ -444,7 +444,7 @@ def spla_fwd_kernel_sparse(
     b_ms = tl.zeros([GP], dtype=tl.float32)
     b_cnt = tl.zeros([BK], dtype=tl.int32)
     o_s = tl.arange(0, BK)
-    # one flat loop over (selected block, key sub-tile): the software pipeliner only overlaps innermost loops
+    # one flat loop over (selected block, key sub-tile): nested, the pipeline would drain at every block
     NS: tl.constexpr = (BS + BK - 1) // BK
     for it in range(n_sel * NS):
         j = tl.load(indices + (i_t * H + i_h) * TOPK + it // NS).to(tl.int64)
@@ -547,7 +547,7 @@ def spla_fwd_kernel_sparse_union(
     b_ms = tl.zeros([BT * GP], dtype=tl.float32)
     b_cnt = tl.zeros([BT * GP], dtype=tl.int32)
     o_s = tl.arange(0, BK)
-    # one flat loop over (union block, key sub-tile): the software pipeliner only overlaps innermost loops
+    # one flat loop over (union block, key sub-tile): nested, the pipeline would drain at every block
     NS: tl.constexpr = (BS + BK - 1) // BK
     for it in range(n_u * NS):
         j = tl.load(ulist + (i_n * H + i_h) * UMAX + it // NS).to(tl.int64)
