@@ -10,7 +10,8 @@ B=1, bf16, D=Dv=128, block 64, top-16 (sink 1, local 2, taylor2 diag, 1 represen
 Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-major) and the atomic
 key-gradient pass, ``spla_fwdbwd_union_ms`` the deterministic one with ``SPARSE_PATH="union"`` (forward and the
 backward's query-side pass per query tile over the tile's union of selected blocks; ``spla_fwdbwd_union_w4_ms``
-the same with the backward's union kernel at 4 warps / 2 stages; ``bwd_<stage>_ms`` the deterministic backward's
+the same with the backward's union kernel at 4 warps / 2 stages, ``spla_fwdbwd_union_half_ms`` with union tiles of
+half the selection's tile in both directions; ``bwd_<stage>_ms`` the deterministic backward's
 stages, timed inside one backward call with CUDA events (``parallel_spla_bwd``'s ``stage`` hook);
 ``spla_fwdbwd_kvb64_ms`` the default with the key-gradient pass's linear part at 64 rows per step, its setting
 before 2026-12-05), the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
@@ -230,6 +231,11 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True, data="random", union=
             # the backward's union kernel at 4 warps / 2 stages instead of its own setting (8 / 2)
             P.SPARSE_LAUNCH.update(union_bwd_warps=4, union_bwd_stages=2)
             rec["spla_fwdbwd_union_w4_ms"] = timeit(fb_det, budget_s)
+            # union tiles of half the selection's, forward and backward (smaller unions, 92 KB of shared memory)
+            P.SPARSE_LAUNCH.update(launch)
+            half = P._topk_tile(BS, HQ // H) // 2
+            P.SPARSE_LAUNCH.update(union_tile=half, union_bwd_tile=half)
+            rec["spla_fwdbwd_union_half_ms"] = timeit(fb_det, budget_s)
         except Exception:
             traceback.print_exc()
         finally:
@@ -482,7 +488,7 @@ def main():
     out = [f"GPU: {name}; data: {args.data}; B=1, bf16, D=128, block {BS}, top-{TOPK}; times in ms (fwd+bwd = forward + gradients of "
            f"q, k, v), peak memory in GiB above the inputs", ""]
     out.append(table(rows, ["T", "HQ", "H", "spla_fwd_ms", "spla_fwdbwd_ms", "spla_fwdbwd_atomic_ms",
-                            "spla_fwdbwd_kvb64_ms", "spla_fwdbwd_union_ms", "spla_fwdbwd_union_w4_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
+                            "spla_fwdbwd_kvb64_ms", "spla_fwdbwd_union_ms", "spla_fwdbwd_union_w4_ms", "spla_fwdbwd_union_half_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
                             "speedup_nsa",
                             "speedup_flex", "note"]))
     if any("bwd_query_ms" in r for r in rows):

@@ -240,9 +240,15 @@ def run_backward(records: list, HQ: int, H: int, D: int, dtype: torch.dtype):
     path, launch = P.SPARSE_PATH, dict(P.SPARSE_LAUNCH)
     # (label, sparse path, deterministic, launch settings other than the defaults: the ones bench_backward.py
     # times beside the defaults)
+    # (and the union backward's own tile and key sub-tiles, not yet timed)
+    half = P._topk_tile(BS, HQ // H) // 2
     variants = (("", "auto", True, {}), (" atomic", "auto", False, {}), (" kvb_lin_rows=64", "auto", True,
                 dict(kvb_lin_rows=64)), ("", "union", True, {}), (" 4 warps", "union", True,
-                dict(union_bwd_warps=4, union_bwd_stages=2)))
+                dict(union_bwd_warps=4, union_bwd_stages=2)),
+                (f" tile={half}", "union", True, dict(union_bwd_tile=half)),
+                (f" tile={half} 4 warps", "union", True, dict(union_bwd_tile=half, union_bwd_warps=4)),
+                (" bk=32", "union", True, dict(union_bwd_bk=32)),
+                (" bk=32 4 warps", "union", True, dict(union_bwd_bk=32, union_bwd_warps=4)))
     try:
         for tag, sp, det, over in variants:
             P.SPARSE_PATH = sp

@@ -194,6 +194,28 @@ def test_union_backward_vs_torch(T, HQ, H, D, Dv, cu, load, residual, monkeypatc
             assert_close(f"union {'det' if det else 'atomic'} d{n}", b, a, 2e-5)
 
 
+@pytest.mark.parametrize("utile,bk", [(4, 32), (2, 16), (16, 64)])
+def test_union_backward_tile_and_key_subtiles(utile, bk, monkeypatch):
+    """The union backward over its own tile (``SPARSE_LAUNCH["union_bwd_tile"]``: 4 tokens, 2 raised to the 16-row
+    minimum of 4 for G = 3, or the selection's 16) and key sub-tiles of 16 or all 32 keys of a block
+    (``union_bwd_bk``), every tile on the union kernel (``UNION_MAX_LOAD`` 1): the torch backend's fp32 gradients,
+    packed odd lengths, both key-gradient passes."""
+    monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    monkeypatch.setattr(P, "UNION_MAX_LOAD", 1.0)
+    monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_tile", utile)
+    monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_bk", bk)
+    inputs = _inputs(131, 3, 1, 64, seed=13)
+    opts = dict(block_size=32, topk=2, sink_blocks=1, local_blocks=1, selection="oracle",
+                cu_seqlens=torch.tensor((0, 90, 131), device=DEVICE))
+    tri, grads = _triton_grads_both(inputs, opts, monkeypatch)
+    ref, ref_grads = _grads(inputs, "torch", opts)
+    assert torch.equal(tri.indices, ref.indices)
+    for det, gs in grads.items():
+        for n, a, b in zip(NAMES, gs, ref_grads):
+            assert b.abs().sum() > 0, f"{n}: reference gradient is zero, the case tests nothing"
+            assert_close(f"union tile={utile} bk={bk} {'det' if det else 'atomic'} d{n}", b, a, 2e-5)
+
+
 @pytest.mark.gpu
 def test_gpu_backward_vs_torch(monkeypatch):
     """fp32 on the GPU at T=2051, GQA 4, blocks of 64, top-16: vs the torch backend on the same indices."""

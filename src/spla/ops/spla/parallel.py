@@ -1008,11 +1008,12 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 #   1180 bytes of spills at 4 warps / 2 stages, 120 at 8 warps / 1 stage, none at 8 / 2 (3 stages do not fit);
 # - kvb_*: the KV-major key-gradient pass, rows per step of its attention part (PART 0) and of its linear part
 #   (PART 1, which holds fp32 dphi(k) [64, 256] and dv [64, 128]): 600 bytes of spills at 64 rows, none at 32.
-# - union_tile / union_bk: the forward's union tile (None: the selection's tile, 16 tokens for G = 4, 4 for G = 16)
-#   and keys per sub-tile; `--sweep-sparse` times smaller ones (smaller unions, less shared memory per stage).
+# - union_tile / union_bk (union_bwd_tile / union_bwd_bk: the backward's): the union tile (None: the selection's
+#   tile, 16 tokens for G = 4, 4 for G = 16) and keys per sub-tile; `--sweep-sparse` times smaller ones for the
+#   forward (smaller unions, less shared memory per stage), kernel_resources.py compiles both.
 SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=8,
-                     union_stages=2, union_tile=None, union_bk=64, union_bwd_warps=8, union_bwd_stages=2, kvb_rows=64,
-                     kvb_lin_rows=32, kvb_warps=8, kvb_stages=1)
+                     union_stages=2, union_tile=None, union_bk=64, union_bwd_warps=8, union_bwd_stages=2,
+                     union_bwd_tile=None, union_bwd_bk=64, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8, kvb_stages=1)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
@@ -1716,12 +1717,17 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
         tile = _topk_tile(block_size, G)
         work = None
         if _bwd_query_path(G) == "union" and tile:
-            ulist, ucount = _tile_unions(idx, meta, tile)
-            uwork, work = _union_split(ucount, meta, tile, UNION_MAX_LOAD * tile * topk)
+            # its own tile and keys per sub-tile (SPARSE_LAUNCH union_bwd_tile / union_bwd_bk), as the forward's
+            GP = triton.next_power_of_2(G)
+            tile = max(SPARSE_LAUNCH["union_bwd_tile"] or tile, triton.cdiv(16, GP))
+            umeta = meta if tile == meta["tile"] else _prepare_meta(cu, block_size, tile, q.device)
+            ulist, ucount = _tile_unions(idx, umeta, tile)
+            uwork, work = _union_split(ucount, umeta, tile, UNION_MAX_LOAD * tile * topk)
             if uwork.numel() > 0:
+                ushared = dict(shared, BK=max(16, min(SPARSE_LAUNCH["union_bwd_bk"], shared["BK"])))
                 spla_bwd_kernel_sparse_union[(uwork.numel(),)](
-                    *args, ulist, ucount, uwork, meta["tile_bos"], meta["tile_t0"], meta["tile_len"], *outs,
-                    GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], **shared,
+                    *args, ulist, ucount, uwork, umeta["tile_bos"], umeta["tile_t0"], umeta["tile_len"], *outs,
+                    GP=GP, BT=tile, UMAX=ulist.shape[-1], **ushared,
                     num_warps=SPARSE_LAUNCH["union_bwd_warps"], num_stages=SPARSE_LAUNCH["union_bwd_stages"])
             del ulist, ucount, uwork
         if work is None or work.numel() > 0:
