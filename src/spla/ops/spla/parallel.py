@@ -935,6 +935,18 @@ def _dense_path(G: int) -> str:
     return "token" if G >= 8 else "kv"
 
 
+def _union_tiling(meta: dict, G: int, tile: Optional[int], bk: int, block_size: int, device):
+    """The union kernels' tiling (forward and backward): ``tile`` tokens per union tile (None: the selection's tile
+    that ``meta`` was made for), raised to the 16-row minimum (tokens x padded group heads), a power of two; the
+    index tables re-made for it when it differs from ``meta``'s; keys per sub-tile ``bk`` within [16, block]."""
+    tile = max(tile or meta["tile"], triton.cdiv(16, triton.next_power_of_2(G)))
+    if tile & (tile - 1):
+        raise ValueError(f"the union tile must be a power of two, got {tile}")
+    if tile != meta["tile"]:
+        meta = _prepare_meta(meta["cu"], meta["block_size"], tile, device)
+    return tile, meta, max(16, min(bk, triton.next_power_of_2(block_size)))
+
+
 def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
                      tile: Optional[int] = None, lin: bool = True, lse: Optional[torch.Tensor] = None,
                      num_warps: Optional[int] = None, num_stages: Optional[int] = None, bk: Optional[int] = None,
@@ -962,12 +974,8 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     G = HQ // H
     GP = triton.next_power_of_2(G)
     topk = indices.shape[-1]
-    tile = max(tile or SPARSE_LAUNCH["union_tile"] or meta["tile"], triton.cdiv(16, GP))
-    if tile & (tile - 1):
-        raise ValueError(f"the union tile must be a power of two, got {tile}")
-    if tile != meta["tile"]:
-        meta = _prepare_meta(meta["cu"], meta["block_size"], tile, q.device)
-    bk = max(16, min(bk or SPARSE_LAUNCH["union_bk"], triton.next_power_of_2(block_size)))
+    tile, meta, bk = _union_tiling(meta, G, tile or SPARSE_LAUNCH["union_tile"], bk or SPARSE_LAUNCH["union_bk"],
+                                   block_size, q.device)
     ulist, ucount = _tile_unions(indices, meta, tile)
     work, fallback = _union_split(ucount, meta, tile, (UNION_MAX_LOAD if max_load is None else max_load) * tile * topk)
     out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
@@ -1718,16 +1726,14 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
         work = None
         if _bwd_query_path(G) == "union" and tile:
             # its own tile and keys per sub-tile (SPARSE_LAUNCH union_bwd_tile / union_bwd_bk), as the forward's
-            GP = triton.next_power_of_2(G)
-            tile = max(SPARSE_LAUNCH["union_bwd_tile"] or tile, triton.cdiv(16, GP))
-            umeta = meta if tile == meta["tile"] else _prepare_meta(cu, block_size, tile, q.device)
+            tile, umeta, ubk = _union_tiling(meta, G, SPARSE_LAUNCH["union_bwd_tile"], SPARSE_LAUNCH["union_bwd_bk"],
+                                             block_size, q.device)
             ulist, ucount = _tile_unions(idx, umeta, tile)
             uwork, work = _union_split(ucount, umeta, tile, UNION_MAX_LOAD * tile * topk)
             if uwork.numel() > 0:
-                ushared = dict(shared, BK=max(16, min(SPARSE_LAUNCH["union_bwd_bk"], shared["BK"])))
                 spla_bwd_kernel_sparse_union[(uwork.numel(),)](
                     *args, ulist, ucount, uwork, umeta["tile_bos"], umeta["tile_t0"], umeta["tile_len"], *outs,
-                    GP=GP, BT=tile, UMAX=ulist.shape[-1], **ushared,
+                    GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], **dict(shared, BK=ubk),
                     num_warps=SPARSE_LAUNCH["union_bwd_warps"], num_stages=SPARSE_LAUNCH["union_bwd_stages"])
             del ulist, ucount, uwork
         if work is None or work.numel() > 0:
