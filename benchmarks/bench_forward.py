@@ -211,7 +211,13 @@ SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, 
                 "union": [dict(num_warps=8, num_stages=2, max_load=m) for m in (0.5, 0.25, 1.0)]
                          + [dict(num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 1), (4, 1))]
                          + [dict(tile_x=x, num_warps=w) for x in (0.5, 0.25, 2) for w in (4, 8)]
-                         + [dict(bk=32, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (8, 3))]}
+                         + [dict(bk=32, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (8, 3))]
+                         # the two that won on an H100 (AR(1) data, 64k, 32/8), combined and around
+                         + [dict(bk=32, num_warps=4, num_stages=st) for st in (1, 3)]
+                         + [dict(tile_x=x, bk=32, num_warps=4, num_stages=st) for x, st in ((0.5, 2), (0.5, 3), (2, 2))]
+                         + [dict(tile_x=0.5, num_warps=4, num_stages=st) for st in (1, 3)]
+                         # the fallback threshold with the fastest setting on AR(1) data (bk 32, 4 warps, 2 stages)
+                         + [dict(bk=32, num_warps=4, num_stages=2, max_load=m) for m in (0.125, 0.25, 0.5, 1.0)]}
 
 
 def sweep_setting(setting: dict, tile: int, G: int):
@@ -225,8 +231,9 @@ def sweep_setting(setting: dict, tile: int, G: int):
     return st
 
 
-def sweep_sparse(T, HQ, H, D, data="random"):
-    """Time the sparse stages (KV-major, token-major, query-tile union) under each setting of SPARSE_SWEEP."""
+def sweep_sparse(T, HQ, H, D, data="random", quick=False):
+    """Time the sparse stages (KV-major, token-major, query-tile union) under each setting of SPARSE_SWEEP
+    (``quick``: the KV-major and token-major paths at their first setting only, the union stage at its last six)."""
     dt = torch.bfloat16
     q, k, v = (x[0] for x in attention_inputs(1, T, HQ, H, D, data=data, dtype=dt))
     G, scale = HQ // H, D ** -0.5
@@ -242,7 +249,10 @@ def sweep_sparse(T, HQ, H, D, data="random"):
         ref = None
         union = functools.partial(sparse_union_fwd, tile=tile)
         for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd), ("union", union)):
-            for st in SPARSE_SWEEP[path]:
+            settings = SPARSE_SWEEP[path]
+            if quick:
+                settings = settings[-6:] if path == "union" else settings[:1]
+            for st in settings:
                 st = sweep_setting(st, tile, G)
                 if st is None:
                     continue
@@ -276,6 +286,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep-sparse", action="store_true",
                     help="only time the sparse stage's launch settings (SPARSE_SWEEP) at the given T and heads")
+    ap.add_argument("--sweep-quick", action="store_true",
+                    help="with --sweep-sparse: the KV-major and token-major paths at their defaults only, the union "
+                         "stage at the last six settings of SPARSE_SWEEP")
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--heads", type=str, nargs="+", default=["32,8", "64,4"])
     ap.add_argument("--data", choices=DATA, default="random",
@@ -292,7 +305,7 @@ def main():
         for hs in args.heads:
             HQ, H = map(int, hs.split(","))
             for T in args.T:
-                rows += sweep_sparse(T, HQ, H, 128, args.data)
+                rows += sweep_sparse(T, HQ, H, 128, args.data, args.sweep_quick)
         lines = [f"GPU: {name}, data: {args.data}", "",
                  "| T | HQ/H | path | rows | union tile | keys per sub-tile | warps | stages | lin atomic | union max load "
                  "| ms | o_rla rel. err vs first |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -111,6 +111,7 @@ def test_parallel_sparse_paths(path, monkeypatch):
     linear terms as fp32 partials summed by the merge, or with ``DETERMINISTIC`` off fp32 atomics; query-tile
     unions)."""
     import spla.ops.spla.parallel as P
+    monkeypatch.setattr(P, "UNION_MIN_SHARE", 0.0)  # the union kernel runs wherever unions are small
     if path in ("token", "union"):
         monkeypatch.setattr(P, "SPARSE_PATH", path)
     else:
@@ -139,6 +140,7 @@ def test_union_path(T, HQ, H, D, Dv, cu, residual, grads, load, monkeypatch):
     import spla.ops.spla.parallel as P
     from spla import topk_attn
     monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    monkeypatch.setattr(P, "UNION_MIN_SHARE", 0.0)  # the union kernel runs wherever unions are small
     if load is not None:
         monkeypatch.setattr(P, "UNION_MAX_LOAD", load)
     inputs = _inputs(1, T, HQ, H, D, Dv=Dv, seed=T + HQ, requires_grad=grads)
@@ -205,6 +207,7 @@ def test_union_fallback_paths(fallback, det, monkeypatch):
     ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=ref_lse, **sp)
     # partials for 11 tokens at a time (22 with atomics): the fallback's rows (tokens 77-99 here) span 3 (2) chunks
     monkeypatch.setattr(P, "PARTIAL_BYTES", 11 * H * topk * 3 * (64 * 4 + 4 + 4 * 64 + 4))
+    monkeypatch.setattr(P, "UNION_MIN_SHARE", 0.0)  # the union kernel runs wherever unions are small
     load = 3 / 64  # unions of up to 3 blocks per 16-token tile take the union kernel
     ucount = P._tile_unions(idx, meta, tile)[1]
     work, fb = P._union_split(ucount, meta, tile, load * tile * topk)
@@ -246,6 +249,31 @@ def test_union_split():
     work, fb = P._union_split(ucount, meta, 4, 4.0)
     assert work.tolist() == [0, 2, 3, 5]  # tile * H + head
     assert fb.tolist() == [t * 2 + 1 for t in range(4)] + [t * 2 for t in (5, 6, 7)]  # token * H + head
+
+
+@pytest.mark.parametrize("fallback", ["kv", "token"])
+def test_union_min_share_runs_every_row_per_token(fallback, monkeypatch):
+    """Where fewer than ``UNION_MIN_SHARE`` of the (tile, KV head) pairs have small unions, the union stage runs
+    the per-token path on every row (``_union_split`` gives no work list): the token-major stage's outputs and lse
+    on every row (poisoned buffers), packed odd lengths, G = 3."""
+    import spla.ops.spla.parallel as P
+    T, HQ, H, bs, topk = 130, 6, 2, 16, 4
+    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, H, 64, bs, topk, (0, 29, 29, 100, 130))
+    ucount = P._tile_unions(idx, meta, tile)[1]
+    load = 3 / 64
+    share = (ucount <= load * tile * topk).float().mean().item()
+    assert 0 < share < 1
+    work, fb = P._union_split(ucount, meta, tile, load * tile * topk, min_share=share + 1e-3)
+    assert work.numel() == 0 and fb is None
+    work, fb = P._union_split(ucount, meta, tile, load * tile * topk, min_share=share - 1e-3)
+    assert work.numel() > 0 and fb.numel() > 0
+    ref_lse, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
+    ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=ref_lse, **sp)
+    monkeypatch.setattr(P, "UNION_MIN_SHARE", share + 1e-3)
+    out = P.sparse_union_fwd(qf, kf, vf, fq, fk, glob.clone(), gm.clone(), idx, meta, tile=tile, lse=lse,
+                             max_load=load, fallback_path=fallback, **sp)
+    for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (ref_lse,)):
+        assert_close(f"{fallback} {name}", b, a, 1e-5)
 
 
 def test_tile_unions():

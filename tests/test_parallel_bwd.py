@@ -160,6 +160,7 @@ def test_union_backward_vs_torch(T, HQ, H, D, Dv, cu, load, residual, monkeypatc
     dk, dv, dphi(k) per union block)."""
     from spla import topk_attn
     monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    monkeypatch.setattr(P, "UNION_MIN_SHARE", 0.0)  # the union kernel runs wherever unions are small
     if load is not None:
         monkeypatch.setattr(P, "UNION_MAX_LOAD", load)
     inputs = _inputs(T, HQ, H, D, Dv=Dv, seed=T + 1)
@@ -201,6 +202,7 @@ def test_union_backward_tile_and_key_subtiles(utile, bk, monkeypatch):
     (``union_bwd_bk``), every tile on the union kernel (``UNION_MAX_LOAD`` 1): the torch backend's fp32 gradients,
     packed odd lengths, both key-gradient passes."""
     monkeypatch.setattr(P, "SPARSE_PATH", "union")
+    monkeypatch.setattr(P, "UNION_MIN_SHARE", 0.0)  # the union kernel runs wherever unions are small
     monkeypatch.setattr(P, "UNION_MAX_LOAD", 1.0)
     monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_tile", utile)
     monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_bk", bk)

@@ -65,10 +65,17 @@ LINEAR_CHUNK = 64
 # (token for G >= 8, else kv; measured on H100 and H200)
 SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
 # the union stage's fallback: a (query tile, KV head) whose union of selected blocks exceeds this fraction of
-# tile x topk runs per token, on the path "auto" takes (sparse_union_fwd; the backward: token-major). Break-even
-# of the score FLOPs at 0.25; 0.5 assumes the token kernel's repeated block loads cost as much again. A guess, not
-# yet timed on a GPU
-UNION_MAX_LOAD = 0.5
+# tile x topk runs per token, on the per-token path "auto" takes for the group size (sparse_union_fwd; the
+# backward: token-major). Timed on an H100 at 64k, 32/8, the union stage at its defaults (bench_forward.py
+# --sweep-sparse --sweep-quick): 0.25 kept AR(1) data on the union (28.3 ms; 27.8 at 1.0, 43.8 at 0.125) and sent
+# random data's tiles to the KV-major path (49.1 ms against 48.0 for the KV-major path alone; 58.2 at 0.5)
+UNION_MAX_LOAD = 0.25
+# where fewer than this share of the (query tile, KV head) pairs have unions under that threshold, the union stage
+# and the backward's union pass run every row on their per-token path, whole (no work list). On an H100 at 64k,
+# 32/8, random data (6.5% of the pairs under the threshold), the backward's query pass took 121 ms on the union
+# path with its per-token fallback against 78 ms token-major; AR(1) data has ~100% under it. 0.5 is a guess
+# between the two, not timed
+UNION_MIN_SHARE = 0.5
 # where every block is selected (T <= topk * block_size, no cu_seqlens, Dv == D, CUDA) SPLA is causal attention
 # with a zero residual: run torch's SDPA (flash) instead of the sparse kernels
 DENSE_FAST_PATH = True
@@ -912,12 +919,16 @@ def _tile_unions(indices: torch.Tensor, meta: dict, tile: int):
     return ids.contiguous(), (ids < big).sum(-1, dtype=torch.int32)
 
 
-def _union_split(ucount: torch.Tensor, meta: dict, tile: int, cap: float):
+def _union_split(ucount: torch.Tensor, meta: dict, tile: int, cap: float, min_share: float = 0.0):
     """Split the (query tile, KV head) pairs of the union stage: those whose union has at most ``cap`` blocks
-    (int64 ``tile * H + head``), and the (token, KV head) pairs of the others (int64 ``token * H + head``)."""
+    (int64 ``tile * H + head``), and the (token, KV head) pairs of the others (int64 ``token * H + head``).
+    Where fewer than ``min_share`` of the pairs have small unions: ``(empty, None)``, every row per token (the
+    per-token path over the whole sequence, not a work list)."""
     NQ, H = ucount.shape
     small = (ucount <= cap).view(-1)
     pairs = torch.arange(NQ * H, device=ucount.device)
+    if min_share > 0 and int(small.sum()) < min_share * small.numel():
+        return pairs[:0], None
     big = pairs[~small]
     n, h = big // H, big % H
     cnt = torch.clamp(meta["tile_len"][n] - meta["tile_t0"][n], max=tile)
@@ -933,6 +944,15 @@ def _dense_path(G: int) -> str:
     """The per-token sparse path ``SPARSE_PATH="auto"`` takes for group size ``G`` (also the union stage's
     fallback): token-major for 8 query heads per KV head or more, else KV-major (docs/benchmarks.md, table A)."""
     return "token" if G >= 8 else "kv"
+
+
+def _sparse_path(G: int) -> str:
+    """The forward's sparse stage that ``SPARSE_PATH="auto"`` takes for group size ``G``: the query-tile union
+    (with :func:`_dense_path`'s per-token fallback for tiles whose union is large) for groups under 8, else
+    token-major. H100, 64k, union stage at its defaults (docs/benchmarks.md): 32/8 28.3 ms against 43.5 for
+    KV-major on AR(1) queries, 49.1 against 48.0 on random ones; 64/4 (tile of 4 tokens) 32.4 against 42.4 for
+    token-major on AR(1) queries but 58.6 against 44.5 on random ones, so G >= 8 stays token-major."""
+    return "union" if G < 8 else _dense_path(G)
 
 
 def _union_tiling(meta: dict, G: int, tile: Optional[int], bk: int, block_size: int, device):
@@ -963,7 +983,8 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     token-major kernel's 16-row tiles do. 0 sends every tile to the fallback, 1 none. The fallback
     (``fallback_path``, default the path ``SPARSE_PATH="auto"`` takes for this group size) is the token-major
     stage (:func:`sparse_fwd`) or the KV-major one (:func:`sparse_kv_fwd`, ``deterministic`` as there) on those
-    (token, KV head) rows alone.
+    (token, KV head) rows alone; where fewer than :data:`UNION_MIN_SHARE` of the (tile, KV head) pairs are under
+    the threshold (queries without locality), on every row.
 
     ``tile`` (default ``SPARSE_LAUNCH["union_tile"]``, else the selection's tile that ``meta`` was made for): tokens
     per union tile, raised to at least 16 rows (tokens x padded group heads); a smaller tile has a smaller union
@@ -977,7 +998,8 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     tile, meta, bk = _union_tiling(meta, G, tile or SPARSE_LAUNCH["union_tile"], bk or SPARSE_LAUNCH["union_bk"],
                                    block_size, q.device)
     ulist, ucount = _tile_unions(indices, meta, tile)
-    work, fallback = _union_split(ucount, meta, tile, (UNION_MAX_LOAD if max_load is None else max_load) * tile * topk)
+    work, fallback = _union_split(ucount, meta, tile, (UNION_MAX_LOAD if max_load is None else max_load) * tile * topk,
+                                  UNION_MIN_SHARE)
     out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
     o, o_rla, rla_mass = out
     if work.numel() > 0:
@@ -989,7 +1011,7 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
             BTOPK=triton.next_power_of_2(topk), UMAX=ulist.shape[-1], DOT_PREC=_dot_prec(q.dtype),
             CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
             num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
-    if fallback.numel() > 0:
+    if fallback is None or fallback.numel() > 0:  # None: every row (UNION_MIN_SHARE)
         if (fallback_path or _dense_path(G)) == "kv":
             sparse_kv_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, block_size=block_size, scale=scale,
                           lin=lin, lse=lse, deterministic=deterministic, work=fallback, out=out)
@@ -1009,9 +1031,11 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # rows per program (tokens x padded group heads that share one loaded block), warps and stages
 # (benchmarks/bench_forward.py --sweep-sparse times alternatives; benchmarks/kernel_resources.py compiles each
 # for sm_90a on a CPU and reports registers, spills and shared memory, docs/benchmarks.md "Kernel resources").
-# Chosen from those compile facts, not yet timed (the benchmarks time the earlier settings beside them):
-# - union_*: the forward's union kernel spills at 4 warps (2 stages: 40 bytes per thread, one program per SM),
-#   not at 8 warps / 2 stages;
+# - union_warps / union_stages / union_bk (timed, H100, 64k, AR(1) queries, bench_forward.py --sweep-sparse):
+#   32 keys per sub-tile at 4 warps / 2 stages (no spills, 112 KB, 2 programs per SM) took the forward's union
+#   stage from 40.4 ms (whole blocks, 8 warps / 2 stages, 176 KB, 1 program per SM) to 27.8 for 32/8 and from
+#   50.7 to 32.4 for 64/4; half the tile at 4 warps (28.6, 32/8) was close, both together slower (37.2);
+# the rest chosen from those compile facts, not yet timed (the benchmarks time the earlier settings beside them):
 # - union_bwd_*: the backward's union kernel holds fp32 dq and dphi(q) for 64 rows beside q, phi(q), do, do_rla:
 #   1180 bytes of spills at 4 warps / 2 stages, 120 at 8 warps / 1 stage, none at 8 / 2 (3 stages do not fit);
 # - kvb_*: the KV-major key-gradient pass, rows per step of its attention part (PART 0) and of its linear part
@@ -1019,8 +1043,8 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # - union_tile / union_bk (union_bwd_tile / union_bwd_bk: the backward's): the union tile (None: the selection's
 #   tile, 16 tokens for G = 4, 4 for G = 16) and keys per sub-tile; `--sweep-sparse` times smaller ones for the
 #   forward (smaller unions, less shared memory per stage), kernel_resources.py compiles both.
-SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=8,
-                     union_stages=2, union_tile=None, union_bk=64, union_bwd_warps=8, union_bwd_stages=2,
+SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
+                     union_stages=2, union_tile=None, union_bk=32, union_bwd_warps=8, union_bwd_stages=2,
                      union_bwd_tile=None, union_bwd_bk=64, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8, kvb_stages=1)
 
 
@@ -1200,7 +1224,7 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
         glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
     else:  # placeholders: with lin=False the kernels read none of them and write o_rla = rla_mass = 0
         fq, fk, glob, glob_mass = qf, kf, qf, qf
-    path = SPARSE_PATH if SPARSE_PATH != "auto" else _dense_path(G)
+    path = SPARSE_PATH if SPARSE_PATH != "auto" else _sparse_path(G)
     if path == "union" and tile:
         sparse = functools.partial(sparse_union_fwd, deterministic=deterministic)
     elif path == "kv":
@@ -1729,7 +1753,7 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
             tile, umeta, ubk = _union_tiling(meta, G, SPARSE_LAUNCH["union_bwd_tile"], SPARSE_LAUNCH["union_bwd_bk"],
                                              block_size, q.device)
             ulist, ucount = _tile_unions(idx, umeta, tile)
-            uwork, work = _union_split(ucount, umeta, tile, UNION_MAX_LOAD * tile * topk)
+            uwork, work = _union_split(ucount, umeta, tile, UNION_MAX_LOAD * tile * topk, UNION_MIN_SHARE)
             if uwork.numel() > 0:
                 spla_bwd_kernel_sparse_union[(uwork.numel(),)](
                     *args, ulist, ucount, uwork, umeta["tile_bos"], umeta["tile_t0"], umeta["tile_len"], *outs,
