@@ -16,7 +16,10 @@ FLOPs are counted from the actual selection (keys visited, candidates scored); t
 advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_vs_flex`` = our sparse stage / it.
 ``sparse_union_ms``: the query-tile union stage (``SPARSE_PATH="union"``), with ``union_blocks`` the mean union of
 selected blocks per tile on this data, ``union_tiles`` the fraction of (tile, KV head) pairs under the fallback
-threshold ``UNION_MAX_LOAD`` (the rest run per token on the ``sparse_path`` column's path) and ``sparse_union_all_ms`` the time without the fallback.
+threshold ``UNION_MAX_LOAD`` (the rest run per token) and ``sparse_union_all_ms`` the time without the fallback.
+``sparse_ms`` is the stage ``spla_attn`` runs (``sparse_path``: since the fourth session of 2026-12-05 the union
+stage for groups under 8), ``sparse_alt_ms`` a per-token layout beside it (KV-major for G < 8, else KV-major too:
+the one "auto" does not take).
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
 from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _tile_unions,
-                                    _topk_tile, block_stats_fwd, dense_fwd, select_fwd, sparse_fwd, sparse_kv_fwd,
-                                    sparse_union_fwd)
+from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _sparse_path,
+                                    _tile_unions, _topk_tile, block_stats_fwd, dense_fwd, select_fwd, sparse_fwd,
+                                    sparse_kv_fwd, sparse_union_fwd)
 
 BS, TOPK, SINK, LOCAL, R = 64, 16, 1, 2, 1
 
@@ -126,8 +129,14 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
             rec[f"select_c{c}_rows_diff"] = (other != idx).any(-1).float().mean().item()
             rec[f"select_c{c}_slots_diff"] = (other != idx).float().mean().item()
         sp = dict(block_size=BS, scale=scale)
-        path = _dense_path(G)
-        main_fn, alt_fn = (sparse_fwd, sparse_kv_fwd) if path == "token" else (sparse_kv_fwd, sparse_fwd)
+        # the sparse stage spla_attn runs (SPARSE_PATH "auto": the union stage for G < 8), and beside it the
+        # per-token layout: for G < 8 the union stage's fallback (KV-major), else the one auto does not take
+        path = _sparse_path(G)
+        per_token = dict(kv=sparse_kv_fwd, token=sparse_fwd)
+        if path == "union":
+            main_fn, alt_fn = sparse_union_fwd, per_token[_dense_path(G)]
+        else:
+            main_fn, alt_fn = per_token[path], per_token["kv" if path == "token" else "token"]
         rec["sparse_path"] = path
         rec["sparse_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, **sp))
         rec["sparse_attn_only_ms"] = bench(lambda: main_fn(qf, kf, vf, fq, fk, glob, gm, idx, meta, lin=False, **sp))
