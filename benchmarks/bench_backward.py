@@ -11,7 +11,9 @@ Columns: SPLA forward alone, forward+backward with the deterministic (KV-block-m
 key-gradient pass, ``spla_fwdbwd_union_ms`` the deterministic one with ``SPARSE_PATH="union"`` (forward and the
 backward's query-side pass per query tile over the tile's union of selected blocks; ``spla_fwdbwd_union_w4_ms``
 the same with the backward's union kernel at 4 warps / 2 stages, ``spla_fwdbwd_union_half_ms`` with union tiles of
-half the selection's tile in both directions; ``bwd_<stage>_ms`` the deterministic backward's
+half the selection's tile in both directions, ``spla_fwdbwd_union_bk32_ms`` / ``_bk32_w4_ms`` with the backward's
+union kernel at 32-key sub-tiles (8 / 4 warps), ``spla_fwdbwd_qtoken_ms`` the defaults with the backward's query side
+token-major; ``bwd_<stage>_ms`` the deterministic backward's
 stages, timed inside one backward call with CUDA events (``parallel_spla_bwd``'s ``stage`` hook);
 ``spla_fwdbwd_kvb64_ms`` the default with the key-gradient pass's linear part at 64 rows per step, its setting
 before 2026-12-05), the top-k branch alone (``spla.topk_attn``'s path, no linear branch, deterministic), SDPA
@@ -224,7 +226,7 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True, data="random", union=
         rec["spla_fwdbwd_ms"] = f"error: {type(e).__name__}"
     torch.cuda.empty_cache()
     if union:
-        path, launch = P.SPARSE_PATH, dict(P.SPARSE_LAUNCH)
+        path, launch, bq = P.SPARSE_PATH, dict(P.SPARSE_LAUNCH), P.BWD_QUERY_PATH
         try:
             P.SPARSE_PATH = "union"
             rec["spla_fwdbwd_union_ms"] = timeit(fb_det, budget_s)
@@ -236,10 +238,22 @@ def run_case(T, HQ, H, D, nsa, rec, budget_s, atomic=True, data="random", union=
             half = P._topk_tile(BS, HQ // H) // 2
             P.SPARSE_LAUNCH.update(union_tile=half, union_bwd_tile=half)
             rec["spla_fwdbwd_union_half_ms"] = timeit(fb_det, budget_s)
+            # the backward's union kernel at 32-key sub-tiles (the forward's winning setting on an H100), at its
+            # own 8 warps / 2 stages (no spills) and at 4 warps / 2 stages
+            P.SPARSE_LAUNCH.update(launch)
+            P.SPARSE_LAUNCH.update(union_bwd_bk=32)
+            rec["spla_fwdbwd_union_bk32_ms"] = timeit(fb_det, budget_s)
+            P.SPARSE_LAUNCH.update(union_bwd_warps=4)
+            rec["spla_fwdbwd_union_bk32_w4_ms"] = timeit(fb_det, budget_s)
+            # the defaults with the backward's query side token-major (BWD_QUERY_PATH="token"), in the same process
+            P.SPARSE_LAUNCH.update(launch)
+            P.SPARSE_PATH = path
+            P.BWD_QUERY_PATH = "token"
+            rec["spla_fwdbwd_qtoken_ms"] = timeit(fb_det, budget_s)
         except Exception:
             traceback.print_exc()
         finally:
-            P.SPARSE_PATH = path
+            P.SPARSE_PATH, P.BWD_QUERY_PATH = path, bq
             P.SPARSE_LAUNCH.update(launch)
         torch.cuda.empty_cache()
     if atomic:
@@ -488,7 +502,8 @@ def main():
     out = [f"GPU: {name}; data: {args.data}; B=1, bf16, D=128, block {BS}, top-{TOPK}; times in ms (fwd+bwd = forward + gradients of "
            f"q, k, v), peak memory in GiB above the inputs", ""]
     out.append(table(rows, ["T", "HQ", "H", "spla_fwd_ms", "spla_fwdbwd_ms", "spla_fwdbwd_atomic_ms",
-                            "spla_fwdbwd_kvb64_ms", "spla_fwdbwd_union_ms", "spla_fwdbwd_union_w4_ms", "spla_fwdbwd_union_half_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
+                            "spla_fwdbwd_kvb64_ms", "spla_fwdbwd_union_ms", "spla_fwdbwd_union_w4_ms", "spla_fwdbwd_union_half_ms",
+                            "spla_fwdbwd_union_bk32_ms", "spla_fwdbwd_union_bk32_w4_ms", "spla_fwdbwd_qtoken_ms", "topk_fwdbwd_ms", "sdpa_fwdbwd_ms", "nsa_fwdbwd_ms", "flex_fwdbwd_ms", "speedup_sdpa",
                             "speedup_nsa",
                             "speedup_flex", "note"]))
     if any("bwd_query_ms" in r for r in rows):
