@@ -18,8 +18,8 @@ advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_v
 selected blocks per tile on this data, ``union_tiles`` the fraction of (tile, KV head) pairs under the fallback
 threshold ``UNION_MAX_LOAD`` (the rest run per token) and ``sparse_union_all_ms`` the time without the fallback.
 ``sparse_ms`` is the stage ``spla_attn`` runs (``sparse_path``: since the fourth session of 2026-12-05 the union
-stage for groups under 8), ``sparse_alt_ms`` a per-token layout beside it (KV-major for G < 8, else KV-major too:
-the one "auto" does not take).
+stage for groups under 8), ``sparse_alt_ms`` the KV-major path beside it (for G < 8 the union stage's fallback,
+for G >= 8 the layout "auto" does not take).
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ LINEAR_CHUNK = 64
 # the sparse stage: "kv" (KV-block-major, each selected block loaded once per group of tokens that chose it,
 # partials merged per token), "token" (one program per token and KV head, gathers its own blocks; its G heads
 # fill the 16 rows of tl.dot from G = 8 on), "union" (one program per query tile of the selection and KV head,
-# loads the union of its tokens' blocks once; written 2026-12-04, CPU-tested, not yet timed on a GPU) or "auto"
-# (token for G >= 8, else kv; measured on H100 and H200)
+# loads the union of its tokens' blocks once, tiles with large unions per token) or "auto" (_sparse_path: union
+# with a KV-major fallback for G < 8, token for G >= 8; measured on an H100, docs/benchmarks.md)
 SPARSE_PATH = os.environ.get("SPLA_SPARSE_PATH", "auto")
 # the union stage's fallback: a (query tile, KV head) whose union of selected blocks exceeds this fraction of
 # tile x topk runs per token, on the per-token path "auto" takes for the group size (sparse_union_fwd; the
