@@ -104,12 +104,16 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
             assert_close(n, getattr(ref, n), getattr(out, n), 1e-5)
 
 
+# the slow-marked settings run with `make test-slow` (CI keeps one of each kind: split, low precision, top-k split)
 @pytest.mark.parametrize("launch", [dict(attn_split=2, combine_bv=16, score_tile=64),
-                                    dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8),
-                                    dict(score_tile=16, score_tiles_per_program=3, score_stages=2),
+                                    pytest.param(dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8),
+                                                 marks=pytest.mark.slow),
+                                    pytest.param(dict(score_tile=16, score_tiles_per_program=3, score_stages=2),
+                                                 marks=pytest.mark.slow),
                                     dict(attn_slices_per_program=4, attn_stages=2, attn_lowp=1),
-                                    dict(attn_split=2, attn_slices_per_program=2),
-                                    dict(topk_split=4, topk_chunk=16), dict(topk_split=2, score_tiles_per_program=2)])
+                                    pytest.param(dict(attn_split=2, attn_slices_per_program=2), marks=pytest.mark.slow),
+                                    pytest.param(dict(topk_split=4, topk_chunk=16), marks=pytest.mark.slow),
+                                    dict(topk_split=2, score_tiles_per_program=2)])
 def test_triton_decode_launch_settings(monkeypatch, launch):
     """Other launch settings (a selected block split over two attention programs, several blocks merged online
     by one, narrower combine slices, other tiles, pipelined loops, the top-k split over programs; what
@@ -119,7 +123,8 @@ def test_triton_decode_launch_settings(monkeypatch, launch):
 
 
 @pytest.mark.parametrize("launch", [dict(attn_slices_per_program=8),
-                                    dict(attn_split=2, attn_slices_per_program=4, attn_stages=2)])
+                                    pytest.param(dict(attn_split=2, attn_slices_per_program=4, attn_stages=2),
+                                                 marks=pytest.mark.slow)])
 def test_triton_decode_merged_programs_with_empty_slots(monkeypatch, launch):
     """Attention programs that merge several selected blocks when fewer blocks exist than top-k (the -1 slots
     fall inside one program): the torch step's selection and outputs."""
@@ -167,7 +172,7 @@ def test_triton_decode_split_must_divide_block():
             dk.decode_topk(st, lbuf, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
 
 
-@pytest.mark.parametrize("stats_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("stats_dtype", [None, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_triton_decode_many_tiles(monkeypatch, stats_dtype):
     """Several scoring tiles and top-k chunks per (sequence, head), a left-padded shorter sequence, blocks
     completing during the steps: the Triton step (interpreter) gives the torch step's selection, outputs,

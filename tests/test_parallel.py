@@ -57,7 +57,8 @@ def test_parallel_vs_torch(T, HQ, H, D, Dv, fmap, rep, sel, bs, topk, sink, loca
     assert (ref.rla_mass != 0).any()
 
 
-@pytest.mark.parametrize("chunk,HQ,H,rep,sel,cu", [(32, 1, 1, 1, "taylor2", None), (64, 3, 1, 2, "taylor2", None),
+@pytest.mark.parametrize("chunk,HQ,H,rep,sel,cu", [(32, 1, 1, 1, "taylor2", None),
+                                                     pytest.param(64, 3, 1, 2, "taylor2", None, marks=pytest.mark.slow),
                                                      (32, 8, 1, 0, "taylor1", (0, 300, 301, 1000)),
                                                      (16, 3, 1, 1, "taylor2", (0, 500, 1000))])
 def test_select_chunk_widths(chunk, HQ, H, rep, sel, cu, monkeypatch):
@@ -181,7 +182,7 @@ def _stage_inputs(T, HQ, H, D, bs, topk, cu, seed=5):
     return q, k, v, fq, fk, glob, gm, idx, meta, tile, dict(block_size=bs, scale=scale)
 
 
-@pytest.mark.parametrize("bk", [32, 16])
+@pytest.mark.parametrize("bk", [32, pytest.param(16, marks=pytest.mark.slow)])
 def test_token_stage_key_subtiles(bk):
     """The token-major stage with blocks walked in sub-tiles of 32 or 16 keys (``bk``, a launch setting) gives the
     outputs and log-sum-exp of whole 64-key blocks, packed odd lengths, G = 3."""
@@ -220,7 +221,8 @@ def test_union_fallback_paths(fallback, det, monkeypatch):
         assert_close(f"{fallback} {name}", b, a, 1e-5)
 
 
-@pytest.mark.parametrize("utile,bk", [(8, 64), (4, 32), (16, 16), (2, 64)])
+@pytest.mark.parametrize("utile,bk", [pytest.param(8, 64, marks=pytest.mark.slow), (4, 32), pytest.param(16, 16, marks=pytest.mark.slow),
+                                       (2, 64)])
 def test_union_tile_and_key_subtiles(utile, bk, monkeypatch):
     """The union stage over tiles other than the selection's 16 tokens (8 and 4, and 2, which is raised to the
     16-row minimum: 4 tokens x 4 padded heads for G = 3), with 64-, 32- and 16-key sub-tiles, gives the token-major
