@@ -191,6 +191,10 @@ def main():
                         "(LAUNCH in decode_kernels.py holds the defaults)")
     p.add_argument("--sweep-stages", nargs="+", default=list(SWEEP), choices=list(SWEEP),
                    help="the kernels --sweep times (default: all)")
+    p.add_argument("--graph-layers", type=int, default=0, metavar="N",
+                   help="also time N layers' steps (N caches) in one CUDA graph, SPLA and dense alike, and report "
+                        "the time per layer: how a model's decode graph runs them, without the per-replay launch "
+                        "latency that a one-layer graph pays (default 0: off)")
     p.add_argument("--launch", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override LAUNCH entries for this run, e.g. attn_split=2 combine_bv=16")
     a = p.parse_args()
@@ -206,6 +210,9 @@ def main():
     copy_bw = copy_bandwidth(dev)
     print(f"# {name}; device-to-device copy {copy_bw / 1e12:.2f} TB/s; HQ={HQ} H={H} D={D} bf16, SPLA block {bs} "
           f"top{topk}; launch {LAUNCH}")
+    tiny = torch.zeros(HQ * D, device=dev)
+    print(f"# measurement floor: a graph of one tiny kernel {graph_us(lambda: tiny.add_(1)):.1f} us, of four "
+          f"{graph_us(lambda: [tiny.add_(1) for _ in range(4)]):.1f} us (the same timer as every column)")
     if a.sweep:
         tune(a.sweep, HQ, H, D, bs, topk, dtype, dev, a.sweep_stages)
     flex = None
@@ -270,6 +277,8 @@ def main():
                 row[f"x_{tag}"] = row["dense_us"] / row[f"step_{tag}"]
                 row[f"tbs_{tag}"] = row[f"mb_{tag}"] / row[f"step_{tag}"]
                 row[f"copy_{tag}"] = 100 * row[f"tbs_{tag}"] * 1e12 / copy_bw
+            if a.graph_layers:
+                row.update(layers_us(a.graph_layers, B, T, HQ, H, D, bs, topk, dtype, dev))
             rows.append(row)
             print(f"{T:>7} {B:>3} {row['dense_us']:>9.1f} {row['dense_tbs']:>10.2f} {row['flex_us']:>8.1f} "
                   f"{row['score']:>7.1f} {row['topk']:>7.1f} {row['attn']:>7.1f} "
@@ -277,7 +286,52 @@ def main():
                   f"{row['x_fp32']:>8.2f} {row['mb_fp32']:>7.1f} {row['tbs_fp32']:>6.2f} {row['copy_fp32']:>5.0f}% "
                   f"{row['step_bf16']:>9.1f} {row['x_bf16']:>8.2f} {row['mb_bf16']:>7.1f} {row['copy_bf16']:>5.0f}%",
                   flush=True)
+    if a.graph_layers:
+        print(f"# per layer inside one CUDA graph of {a.graph_layers} layers (distinct caches; bf16 statistics); "
+              f"% copy: SPLA's counted bytes per layer time over the copy bandwidth")
+        print(f"{'T':>7} {'B':>3} {'dense us':>9} {'SPLA us':>8} {'x dense':>8} {'TB/s':>6} {'%copy':>6}")
+        for row in rows:
+            if "layer_spla_us" not in row:
+                print(f"{row['T']:>7} {row['B']:>3}  {row.get('layer_note', 'not run')}")
+                continue
+            tbs = row["mb_bf16"] / row["layer_spla_us"]
+            print(f"{row['T']:>7} {row['B']:>3} {row['layer_dense_us']:>9.1f} {row['layer_spla_us']:>8.1f} "
+                  f"{row['layer_dense_us'] / row['layer_spla_us']:>8.2f} {tbs:>6.2f} {100 * tbs * 1e12 / copy_bw:>5.0f}%")
     return rows
+
+
+def layers_us(n, B, T, HQ, H, D, bs, topk, dtype, dev) -> dict:
+    """Per-layer time of ``n`` layers' decode steps captured in one CUDA graph (each layer its own cache, so
+    nothing one layer reads is cached for the next), for SPLA (bf16 statistics, the default of a bf16 cache)
+    and for dense SDPA over contiguous copies: what one layer costs inside a model's decode graph."""
+    states, dense = [], []
+    try:
+        for i in range(n):
+            st = fill_state(B, T, HQ, H, D, bs, topk, dtype, dev, stats_dtype=torch.bfloat16)
+            dense.append((st.k[:, :T].transpose(1, 2).contiguous(), st.v[:, :T].transpose(1, 2).contiguous()))
+            states.append(st)
+    except torch.cuda.OutOfMemoryError:
+        states = dense = None
+        torch.cuda.empty_cache()
+        return dict(layer_note=f"out of memory building {n} caches")
+    q = torch.randn(n, B, HQ, D, device=dev, dtype=dtype)
+    new = torch.randn(n, 3, B, H, D, device=dev, dtype=dtype)
+
+    def spla():
+        for i, st in enumerate(states):
+            kn, vn, kln = new[i]
+            st.lengths.add_(1)
+            decode_attend(st, q[i], q[i], decode_select(st, q[i], new=(kn, vn, kln)), new=(kln, vn))
+            st.lengths.sub_(1)
+
+    def dense_fn():
+        for i, (kd, vd) in enumerate(dense):
+            F.scaled_dot_product_attention(q[i][:, :, None], kd, vd, enable_gqa=True)
+
+    out = dict(layer_spla_us=graph_us(spla) / n, layer_dense_us=graph_us(dense_fn) / n)
+    states = dense = None
+    torch.cuda.empty_cache()
+    return out
 
 
 if __name__ == "__main__":

@@ -92,6 +92,12 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
     i_p = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    # q is loaded beside the length, not after it: the step is bound by memory latency at small batches
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    q_rows = i_b * HQ + i_h * G + tl.arange(0, BG)
+    b_q = tl.load(q + q_rows[:, None] * D + o_d[None, :], mask=(tl.arange(0, BG) < G)[:, None] & m_d[None, :],
+                  other=0.)
     t, c, hi, rows, m_g = _newest_token(lengths, i_bh, HQ, H, G, BG, BS, LOCAL)
     if APPEND:
         if i_p == 0:
@@ -101,9 +107,6 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
     b_sum = tl.zeros([BG], tl.float32)
     j0 = i_p * (TPP * BJ)
     if (j0 < hi) & (j0 + TPP * BJ > SINK):
-        o_d = tl.arange(0, BD)
-        m_d = o_d < D
-        b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.)
         if LOWP:
             # q and the statistics are bf16: the matrix units take them as they are (fp32 accumulation), and q*q
             # rounded to bf16, the operands of the parallel op's bf16 scoring (spla_fwd_kernel_topk)
@@ -230,6 +233,38 @@ def _phi(x, m, FMAP: tl.constexpr):
 
 
 @triton.jit
+def _attn_slice(blk, i_u, b_q, fq1, fq2, k, v, k_lin, t, i_b, i_h, T_cap, o_i, o_d, o_v, o_l, m_d, m_v, m_l, scale,
+                b_m, b_l, b_acc, b_lin, b_mass, n_vis, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                DL: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr, FMAP: tl.constexpr, CDT: tl.constexpr):
+    """One slice (``BS`` rows of selected block ``blk``, -1 for an empty slot) merged into the running softmax
+    statistics, output, selected linear term and its mass; returns them."""
+    pos = tl.maximum(blk, 0) * (BS * SPLIT) + (i_u % SPLIT) * BS + o_i
+    m_i = (blk >= 0) & (pos <= t)  # [BS] visible selected tokens of this slice
+    tok = (i_b * T_cap + pos) * H + i_h  # [BS]
+    b_k = tl.load(k + tok[:, None] * D + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.).to(CDT)
+    b_v = tl.load(v + tok[:, None] * DV + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.).to(CDT)
+    b_kl = tl.load(k_lin + tok[:, None] * DL + o_l[None, :], mask=m_i[:, None] & m_l[None, :],
+                   other=0.).to(tl.float32)
+    # exact attention over this slice, merged online
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BG, BS]
+    b_s = tl.where(m_i[None, :], b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+    b_p = tl.exp(b_s - b_ms[:, None])
+    b_r = tl.exp(b_m - b_ms)  # 0 while nothing was visible (b_m = -inf)
+    b_l = b_l * b_r + tl.sum(b_p, 1)
+    b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(CDT), b_v)
+    # selected linear term over the same tiles (additive)
+    fk1, fk2 = _phi(b_kl, m_l, FMAP)
+    b_w = tl.dot(fq1, tl.trans(fk1.to(CDT))) + tl.dot(fq2, tl.trans(fk2.to(CDT)))  # [BG, BS]
+    b_w = tl.where(m_i[None, :], b_w, 0.)
+    b_lin += tl.dot(b_w.to(CDT), b_v)
+    b_mass += tl.sum(b_w, 1)
+    n_vis += tl.sum(m_i.to(tl.int32), 0)
+    return b_mn, b_l, b_acc, b_lin, b_mass, n_vis
+
+
+@triton.jit
 def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_l, p_acc, p_lin, p_mass, p_cnt,
                                 scale, T_cap, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                                 BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
@@ -240,7 +275,9 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
     slice ``u`` holds rows ``(u % SPLIT) * BS ...`` of the ``u // SPLIT``-th selected block), merged by an online
     softmax into partial slot ``i_s`` of ``TOPK * SPLIT / UPP``; ``NSTAGES`` > 1 software-pipelines the loads.
     ``CDT``: the dtype of the matrix-unit operands (fp32, or the 16-bit input dtype: half the registers per tile);
-    the feature maps, softmax statistics and accumulators stay fp32."""
+    the feature maps, softmax statistics and accumulators stay fp32. With one slice per program (the default) its
+    block index is loaded beside q, before the query's feature map: the step is bound by memory latency at small
+    batches, and the K/V loads then wait for one round trip fewer."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -251,6 +288,8 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
     m_d, m_v, m_l = o_d < D, o_v < DV, o_l < DL
     o_i = tl.arange(0, BS)
     rows = i_b * HQ + i_h * G + o_g  # [BG]
+    if UPP == 1:
+        blk0 = tl.load(indices + i_bh * TOPK + i_s // SPLIT).to(tl.int64)
     b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(CDT)
     b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
     fq1, fq2 = _phi(b_ql, m_l, FMAP)
@@ -261,33 +300,17 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
     b_lin = tl.zeros([BG, BDV], tl.float32)
     b_mass = tl.zeros([BG], tl.float32)
     n_vis = tl.sum(tl.zeros([BS], tl.int32), 0)
-    for u in tl.range(0, UPP, num_stages=NSTAGES):
-        i_u = i_s * UPP + u
-        blk = tl.load(indices + i_bh * TOPK + i_u // SPLIT).to(tl.int64)
-        pos = tl.maximum(blk, 0) * (BS * SPLIT) + (i_u % SPLIT) * BS + o_i
-        m_i = (blk >= 0) & (pos <= t)  # [BS] visible selected tokens of this slice
-        tok = (i_b * T_cap + pos) * H + i_h  # [BS]
-        b_k = tl.load(k + tok[:, None] * D + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.).to(CDT)
-        b_v = tl.load(v + tok[:, None] * DV + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.).to(CDT)
-        b_kl = tl.load(k_lin + tok[:, None] * DL + o_l[None, :], mask=m_i[:, None] & m_l[None, :],
-                       other=0.).to(tl.float32)
-        # exact attention over this slice, merged online
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BG, BS]
-        b_s = tl.where(m_i[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
-        b_p = tl.exp(b_s - b_ms[:, None])
-        b_r = tl.exp(b_m - b_ms)  # 0 while nothing was visible (b_m = -inf)
-        b_l = b_l * b_r + tl.sum(b_p, 1)
-        b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(CDT), b_v)
-        b_m = b_mn
-        # selected linear term over the same tiles (additive)
-        fk1, fk2 = _phi(b_kl, m_l, FMAP)
-        b_w = tl.dot(fq1, tl.trans(fk1.to(CDT))) + tl.dot(fq2, tl.trans(fk2.to(CDT)))  # [BG, BS]
-        b_w = tl.where(m_i[None, :], b_w, 0.)
-        b_lin += tl.dot(b_w.to(CDT), b_v)
-        b_mass += tl.sum(b_w, 1)
-        n_vis += tl.sum(m_i.to(tl.int32), 0)
+    if UPP == 1:
+        b_m, b_l, b_acc, b_lin, b_mass, n_vis = _attn_slice(
+            blk0, i_s, b_q, fq1, fq2, k, v, k_lin, t, i_b, i_h, T_cap, o_i, o_d, o_v, o_l, m_d, m_v, m_l, scale,
+            b_m, b_l, b_acc, b_lin, b_mass, n_vis, H, D, DV, DL, BS, SPLIT, FMAP, CDT)
+    else:
+        for u in tl.range(0, UPP, num_stages=NSTAGES):
+            i_u = i_s * UPP + u
+            blk = tl.load(indices + i_bh * TOPK + i_u // SPLIT).to(tl.int64)
+            b_m, b_l, b_acc, b_lin, b_mass, n_vis = _attn_slice(
+                blk, i_u, b_q, fq1, fq2, k, v, k_lin, t, i_b, i_h, T_cap, o_i, o_d, o_v, o_l, m_d, m_v, m_l, scale,
+                b_m, b_l, b_acc, b_lin, b_mass, n_vis, H, D, DV, DL, BS, SPLIT, FMAP, CDT)
     NS: tl.constexpr = TOPK * SPLIT // UPP
     o = rows * NS + i_s  # [BG]
     tl.store(p_m + o, b_m, mask=m_g)
@@ -299,17 +322,23 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
 
 
 @triton.jit
-def _state_term(S_half, z_half, f, k_f, b_vn, o_l, o_v, m_l, m_v, i_v, DV: tl.constexpr, APPEND: tl.constexpr):
-    """``f·S_half`` `[BG, BV]` and ``f·z_half`` `[BG]` for one half of the fp32 state (``DL`` feature rows, this
-    program's value slice). With ``APPEND`` the half first takes the new token (``k_f^T v``, ``k_f``) and is
-    written back (z by the slice-0 program only)."""
-    m_lv = m_l[:, None] & m_v[None, :]
+def _state_half(S_half, z_half, o_l, o_v, m_l, m_v, DV: tl.constexpr):
+    """Pointers to one half of the fp32 state (``DL`` feature rows, this program's value slice) and its loaded
+    tiles ``S [BDL, BV]``, ``z [BDL]``."""
     p_S = S_half + o_l[:, None] * DV + o_v[None, :]
-    b_S = tl.load(p_S, mask=m_lv, other=0.)
+    b_S = tl.load(p_S, mask=m_l[:, None] & m_v[None, :], other=0.)
     b_z = tl.load(z_half + o_l, mask=m_l, other=0.)
+    return p_S, b_S, b_z
+
+
+@triton.jit
+def _state_term(p_S, b_S, z_half, b_z, f, k_f, b_vn, o_l, m_l, m_v, i_v, APPEND: tl.constexpr):
+    """``f·S_half`` `[BG, BV]` and ``f·z_half`` `[BG]` from a loaded half (:func:`_state_half`). With ``APPEND``
+    the half first takes the new token (``k_f^T v``, ``k_f``) and is written back (z by the slice-0 program
+    only)."""
     if APPEND:
         b_S += tl.trans(k_f) * b_vn[None, :]
-        tl.store(p_S, b_S, mask=m_lv)
+        tl.store(p_S, b_S, mask=m_l[:, None] & m_v[None, :])
         b_z += tl.sum(k_f, 0)
         if i_v == 0:
             tl.store(z_half + o_l, b_z, mask=m_l)
@@ -327,51 +356,57 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     (sequence, KV head) and one slice of ``BV`` value channels (the state is read in ``[DL, BV]`` tiles).
     With ``APPEND`` the state first takes the newest token, ``S += phi(k_lin) v^T``, ``z += phi(k_lin)``
     (each program updates its own slice of S; the slice-0 program updates z), and is written back. ``NSLOT``:
-    the partial slots per row (top-k x attn_split / attn_slices_per_program)."""
+    the partial slots per row (top-k x attn_split / attn_slices_per_program).
+    Every load comes before the first store: a decode step at small batch is bound by memory latency, and the
+    compiler cannot move a load above a store that may alias it, so loads placed after the output stores would
+    each wait for their own round trip."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
-    t = tl.load(lengths + i_b).to(tl.int64) - 1
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     rows = i_bh * G + o_g  # == i_b * HQ + i_h * G + o_g
     o_v, o_l = i_v * BV + tl.arange(0, BV), tl.arange(0, BDL)
     m_v, m_l = o_v < DV, o_l < DL
     m_gv = m_g[:, None] & m_v[None, :]
-    # the exact branch: max over the partials, then rescaled sums
     o_s = tl.arange(0, KP)
     m_gs = m_g[:, None] & (o_s < NSLOT)[None, :]
+    # loads: the partials' statistics, the query's and the new token's features, the state halves
+    t = tl.load(lengths + i_b).to(tl.int64) - 1
     b_pm = tl.load(p_m + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=float("-inf"))  # [BG, NSLOT]
-    b_mx = tl.max(b_pm, 1)
-    b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
-    b_w = tl.exp(b_pm - b_mx[:, None])
-    b_den = tl.sum(b_w * tl.load(p_l + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.), 1)
+    b_pl = tl.load(p_l + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.)
     b_mass = tl.sum(tl.load(p_mass + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.), 1)
     n_sel = tl.sum(tl.load(p_cnt + i_bh * NSLOT + o_s, mask=o_s < NSLOT, other=0), 0)
-    b_acc = tl.zeros([BG, BV], tl.float32)
-    b_lin = tl.zeros([BG, BV], tl.float32)
-    for s in tl.static_range(NSLOT):
-        b_ws = tl.sum(tl.where(o_s[None, :] == s, b_w, 0.), 1)
-        po = (rows * NSLOT + s)[:, None] * DV + o_v[None, :]
-        b_acc += b_ws[:, None] * tl.load(p_acc + po, mask=m_gv, other=0.)
-        b_lin += tl.load(p_lin + po, mask=m_gv, other=0.)
-    b_o = b_acc / tl.where(b_den > 0, b_den, 1.)[:, None]
-    tl.store(o + rows[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_gv)
-    # the global linear term from the state; zero where every visible token was selected (counted)
     b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
-    f1, f2 = _phi(b_ql, m_l, FMAP)
     if APPEND:
         b_kl = tl.load(kl_new + i_bh * DL + o_l, mask=m_l, other=0.).to(tl.float32)
-        k1, k2 = _phi(b_kl[None, :], m_l, FMAP)
         b_vn = tl.load(v_new + i_bh * DV + o_v, mask=m_v, other=0.).to(tl.float32)
     else:  # unread
-        k1, k2, b_vn = f1, f2, tl.zeros([BV], tl.float32)
-    b_glob, b_gm = _state_term(S + i_bh * F * DV, z + i_bh * F, f1, k1, b_vn, o_l, o_v, m_l, m_v, i_v, DV, APPEND)
+        b_kl, b_vn = tl.zeros([BDL], tl.float32), tl.zeros([BV], tl.float32)
+    p_S1, b_S1, b_z1 = _state_half(S + i_bh * F * DV, z + i_bh * F, o_l, o_v, m_l, m_v, DV)
     if F > DL:
-        g2, m2 = _state_term(S + (i_bh * F + DL) * DV, z + i_bh * F + DL, f2, k2, b_vn, o_l, o_v, m_l, m_v, i_v, DV,
-                             APPEND)
+        p_S2, b_S2, b_z2 = _state_half(S + (i_bh * F + DL) * DV, z + i_bh * F + DL, o_l, o_v, m_l, m_v, DV)
+    # the exact branch: max over the partials, then rescaled sums, every slot's [BG, BV] tile in one [BG, KP, BV]
+    # load: a loop over the slots converted each loaded tile to the accumulator's layout through shared memory
+    # (a barrier per slot), so each slot's loads waited for the previous slot's
+    b_mx = tl.max(b_pm, 1)
+    b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
+    b_w = tl.exp(b_pm - b_mx[:, None])  # [BG, KP], 0 on padded slots and rows
+    b_den = tl.sum(b_w * b_pl, 1)
+    p_3 = (rows[:, None] * NSLOT + o_s[None, :])[:, :, None] * DV + o_v[None, None, :]
+    m_3 = m_gs[:, :, None] & m_v[None, None, :]
+    b_acc = tl.sum(b_w[:, :, None] * tl.load(p_acc + p_3, mask=m_3, other=0.), 1)
+    b_lin = tl.sum(tl.load(p_lin + p_3, mask=m_3, other=0.), 1)
+    # the global linear term from the state; zero where every visible token was selected (counted)
+    f1, f2 = _phi(b_ql, m_l, FMAP)
+    k1, k2 = _phi(b_kl[None, :], m_l, FMAP)
+    b_glob, b_gm = _state_term(p_S1, b_S1, z + i_bh * F, b_z1, f1, k1, b_vn, o_l, m_l, m_v, i_v, APPEND)
+    if F > DL:
+        g2, m2 = _state_term(p_S2, b_S2, z + i_bh * F + DL, b_z2, f2, k2, b_vn, o_l, m_l, m_v, i_v, APPEND)
         b_glob += g2
         b_gm += m2
+    b_o = b_acc / tl.where(b_den > 0, b_den, 1.)[:, None]
+    tl.store(o + rows[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_gv)
     empty = n_sel == t + 1
     b_r = tl.where(empty, 0., b_glob - b_lin)
     tl.store(o_rla + rows[:, None] * DV + o_v[None, :], b_r.to(o_rla.dtype.element_ty), mask=m_gv)
