@@ -552,24 +552,28 @@ def spla_fwd_kernel_sparse_union(
     b_acc = tl.zeros([BT * GP, BDV], dtype=tl.float32)
     b_lin = tl.zeros([BT * GP, BDV], dtype=tl.float32)
     b_ms = tl.zeros([BT * GP], dtype=tl.float32)
-    b_cnt = tl.zeros([BT * GP], dtype=tl.int32)
     o_s = tl.arange(0, BK)
+    # the masks in 32-bit integers (positions inside a sequence fit): a 64-bit compare costs two instructions
+    # and the masks are most of what the loop issues besides the matrix products
+    r_t32, L32 = r_t.to(tl.int32), L.to(tl.int32)
+    # the selected keys each row sees, counted from its selection rather than in the loop: of selected block j
+    # the keys j*BS .. min(j*BS + BS - 1, t)
+    b_cnt = tl.sum(tl.where(b_sel >= 0, tl.minimum(tl.maximum(r_t32[:, None] - b_sel * BS + 1, 0), BS), 0), 1)
     # one flat loop over (union block, key sub-tile): nested, the pipeline would drain at every block
     NS: tl.constexpr = (BS + BK - 1) // BK
     for it in range(n_u * NS):
-        j = tl.load(ulist + (i_n * H + i_h) * UMAX + it // NS).to(tl.int64)
+        j = tl.load(ulist + (i_n * H + i_h) * UMAX + it // NS)
         s0 = (it % NS) * BK
         # rows whose token selected block j
         m_rj = m_r & (tl.sum((b_sel == j).to(tl.int32), 1) > 0)
         o_p = j * BS + s0 + o_s
-        m_p = ((s0 + o_s) < BS) & (o_p < L)
-        m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
-        p_kv = (bos + o_p) * H + i_h
+        m_p = ((s0 + o_s) < BS) & (o_p < L32)
+        m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t32[:, None])
+        p_kv = (bos + o_p.to(tl.int64)) * H + i_h
         # rows that see nothing of this sub-tile keep their state
         b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
             b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
             qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
-        b_cnt += tl.sum(m_s.to(tl.int32), 1)
     # every valid row sees at least itself (its own block is always selected)
     b_li = tl.where(m_r, b_li, 1.)
     m_o = m_r[:, None] & m_v[None, :]
@@ -1495,17 +1499,19 @@ def spla_bwd_kernel_sparse_union(
     b_dq = tl.zeros([BT * GP, BD], dtype=tl.float32)
     b_dfq = tl.zeros([BT * GP, BF], dtype=tl.float32)
     o_s = tl.arange(0, BK)
+    r_t32, L32 = r_t.to(tl.int32), L.to(tl.int32)  # the masks in 32-bit integers, as in the forward
     NS: tl.constexpr = (BS + BK - 1) // BK  # one flat loop over (union block, key sub-tile), as in the forward
     for it in range(n_u * NS):
-        j = tl.load(ulist + (i_n * H + i_h) * UMAX + it // NS).to(tl.int64)
+        j = tl.load(ulist + (i_n * H + i_h) * UMAX + it // NS)
         s0 = (it % NS) * BK
         # rows whose token selected block j
         m_rj = m_r & (tl.sum((b_sel == j).to(tl.int32), 1) > 0)
         o_p = j * BS + s0 + o_s
-        m_p = ((s0 + o_s) < BS) & (o_p < L)
-        m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t[:, None])
+        m_p = ((s0 + o_s) < BS) & (o_p < L32)
+        m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t32[:, None])
         b_dq, b_dfq = _grad_subtile(
-            b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p) * H + i_h, m_p, m_s,
+            b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p.to(tl.int64)) * H + i_h,
+            m_p, m_s,
             o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, ATOMIC)
     _store_grad_rows(dq, dfq, p_row, m_r, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale, D, F, LIN)
 
