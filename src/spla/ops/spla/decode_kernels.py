@@ -382,7 +382,7 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
         b_kl = tl.load(kl_new + i_bh * DL + o_l, mask=m_l, other=0.).to(tl.float32)
         b_vn = tl.load(v_new + i_bh * DV + o_v, mask=m_v, other=0.).to(tl.float32)
     else:  # unread
-        b_kl, b_vn = tl.zeros([BDL], tl.float32), tl.zeros([BV], tl.float32)
+        b_vn = tl.zeros([BV], tl.float32)
     p_S1, b_S1, b_z1 = _state_half(S + i_bh * F * DV, z + i_bh * F, o_l, o_v, m_l, m_v, DV)
     if F > DL:
         p_S2, b_S2, b_z2 = _state_half(S + (i_bh * F + DL) * DV, z + i_bh * F + DL, o_l, o_v, m_l, m_v, DV)
@@ -399,7 +399,10 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     b_lin = tl.sum(tl.load(p_lin + p_3, mask=m_3, other=0.), 1)
     # the global linear term from the state; zero where every visible token was selected (counted)
     f1, f2 = _phi(b_ql, m_l, FMAP)
-    k1, k2 = _phi(b_kl[None, :], m_l, FMAP)
+    if APPEND:
+        k1, k2 = _phi(b_kl[None, :], m_l, FMAP)
+    else:  # unread
+        k1, k2 = f1, f2
     b_glob, b_gm = _state_term(p_S1, b_S1, z + i_bh * F, b_z1, f1, k1, b_vn, o_l, m_l, m_v, i_v, APPEND)
     if F > DL:
         g2, m2 = _state_term(p_S2, b_S2, z + i_bh * F + DL, b_z2, f2, k2, b_vn, o_l, m_l, m_v, i_v, APPEND)
