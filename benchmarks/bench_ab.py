@@ -23,8 +23,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from inputs import DATA, attention_inputs  # noqa: E402
 from spla import spla_attn  # noqa: E402
-from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd  # noqa: E402
-from spla.ops.spla.parallel import (LINEAR_CHUNK, _prepare_meta, _topk_tile, block_stats_fwd, select_fwd,  # noqa: E402
+from spla.ops.spla.parallel import (_prepare_meta, _topk_tile, linear_branch_fwd, select_packed_fwd,  # noqa: E402
                                     sparse_union_fwd)
 
 
@@ -40,11 +39,9 @@ def run(tag: str, T: int, HQ: int, H: int, D: int, data: str, bs: int = 64, topk
         qf, kf, vf = q[0], k[0], v[0]
         tile = _topk_tile(bs, HQ // H)
         meta = _prepare_meta((0, T), bs, tile, q.device)
-        stats = block_stats_fwd(kf, meta, bs, 1, True)
-        idx = select_fwd(qf, stats, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1, local_blocks=2,
-                         selection="taylor2", rep_keys=1, scale=scale)
-        fq, fk = feature_map_fwd(qf, "softmax2", q.dtype), feature_map_fwd(kf, "softmax2", q.dtype)
-        glob, gm = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
+        idx = select_packed_fwd(qf, kf, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1,
+                                local_blocks=2, selection="taylor2", rep_keys=1, scale=scale)
+        fq, fk, glob, gm = linear_branch_fwd(qf, kf, vf, meta, "softmax2", q.dtype)
         union = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile, max_load=1.0,
                                                block_size=bs, scale=scale), 20)
         fwd = bench(lambda: spla_attn(q, k, v, backend="triton", **opts), 20)

@@ -39,10 +39,9 @@ from inputs import DATA, attention_inputs
 from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
-from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _sparse_path,
-                                    _tile_unions, _topk_tile, block_stats_fwd, dense_fwd, select_fwd, sparse_fwd,
-                                    sparse_kv_fwd, sparse_union_fwd)
+from spla.ops.spla.parallel import (UNION_MAX_LOAD, _dense_path, _prepare_meta, _sparse_path, _tile_unions,
+                                    _topk_tile, block_stats_fwd, dense_fwd, linear_branch_fwd, select_fwd,
+                                    select_packed_fwd, sparse_fwd, sparse_kv_fwd, sparse_union_fwd)
 
 BS, TOPK, SINK, LOCAL, R = 64, 16, 1, 2, 1
 
@@ -104,13 +103,10 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
         sel = dict(H=H, block_size=BS, tile=tile, topk=TOPK, sink_blocks=SINK, local_blocks=LOCAL,
                    selection="taylor2", rep_keys=R, scale=scale)
         idx = select_fwd(qf, stats, meta, **sel)
-        fq = feature_map_fwd(qf, "softmax2", dt)
-        fk = feature_map_fwd(kf, "softmax2", dt)
-        glob, gm = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
+        fq, fk, glob, gm = linear_branch_fwd(qf, kf, vf, meta, "softmax2", dt)
         rec["stats_ms"] = bench(lambda: block_stats_fwd(kf, meta, BS, R, True))
         rec["select_ms"] = bench(lambda: select_fwd(qf, stats, meta, **sel))
-        rec["linear_ms"] = bench(lambda: global_linear_fwd(feature_map_fwd(qf, "softmax2", dt),
-                                                           feature_map_fwd(kf, "softmax2", dt), vf, meta, LINEAR_CHUNK))
+        rec["linear_ms"] = bench(lambda: linear_branch_fwd(qf, kf, vf, meta, "softmax2", dt))
         rec["select_nomerge_ms"] = bench(lambda: select_fwd(qf, stats, meta, merge=False, **sel))
         # the selection at the other warp count than its default (kernel_resources.py: with 32-block chunks, the
         # default for G >= 16, 4 warps spill 72 bytes per thread and 8 do not)
@@ -250,11 +246,9 @@ def sweep_sparse(T, HQ, H, D, data="random", quick=False):
     meta = _prepare_meta((0, T), BS, tile, q.device)
     out = []
     with torch.no_grad():
-        stats = block_stats_fwd(k, meta, BS, R, True)
-        idx = select_fwd(q, stats, meta, H=H, block_size=BS, tile=tile, topk=TOPK, sink_blocks=SINK,
-                         local_blocks=LOCAL, selection="taylor2", rep_keys=R, scale=scale)
-        fq, fk = feature_map_fwd(q, "softmax2", dt), feature_map_fwd(k, "softmax2", dt)
-        glob, gm = global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK)
+        idx = select_packed_fwd(q, k, meta, H=H, block_size=BS, tile=tile, topk=TOPK, sink_blocks=SINK,
+                                local_blocks=LOCAL, selection="taylor2", rep_keys=R, scale=scale)
+        fq, fk, glob, gm = linear_branch_fwd(q, k, v, meta, "softmax2", dt)
         ref = None
         union = functools.partial(sparse_union_fwd, tile=tile)
         for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd), ("union", union)):

@@ -169,16 +169,13 @@ def _stage_inputs(T, HQ, H, D, bs, topk, cu, seed=5):
     """The sparse stage's inputs from the Triton stages before it (packed `[T, ...]`): q, k, v, phi(q), phi(k),
     the global term and its mass, the selection, the index tables, the selection tile and (block_size, scale)."""
     import spla.ops.spla.parallel as P
-    from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
     q, k, v = (x[0].contiguous() for x in _inputs(1, T, HQ, H, D, seed=seed))
     tile = P._topk_tile(bs, HQ // H)
     meta = P._prepare_meta(cu, bs, tile, DEVICE)
     scale = D ** -0.5
-    stats = P.block_stats_fwd(k, meta, bs, 1, True)
-    idx = P.select_fwd(q, stats, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1, local_blocks=2,
-                       selection="taylor2", rep_keys=1, scale=scale)
-    fq, fk = feature_map_fwd(q, "softmax2", q.dtype), feature_map_fwd(k, "softmax2", q.dtype)
-    glob, gm = global_linear_fwd(fq, fk, v, meta, P.LINEAR_CHUNK)
+    idx = P.select_packed_fwd(q, k, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1, local_blocks=2,
+                              selection="taylor2", rep_keys=1, scale=scale)
+    fq, fk, glob, gm = P.linear_branch_fwd(q, k, v, meta, "softmax2", q.dtype)
     return q, k, v, fq, fk, glob, gm, idx, meta, tile, dict(block_size=bs, scale=scale)
 
 
@@ -431,14 +428,12 @@ def test_gpu_long_low_precision(dtype):
 
 
 def _triton_fp32_on_indices(q, k, v, indices, block_size):
-    from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-    from spla.ops.spla.parallel import _prepare_meta, sparse_fwd
+    from spla.ops.spla.parallel import _prepare_meta, linear_branch_fwd, sparse_fwd
     B, T, HQ, D = q.shape
     H = k.shape[2]
     meta = _prepare_meta(tuple(range(0, B * T + 1, T)), block_size, 16, q.device)
     qf, kf, vf = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v))
-    fq, fk = feature_map_fwd(qf, "softmax2", torch.float32), feature_map_fwd(kf, "softmax2", torch.float32)
-    g, gm = global_linear_fwd(fq, fk, vf, meta)
+    fq, fk, g, gm = linear_branch_fwd(qf, kf, vf, meta, "softmax2", torch.float32)
     outs = sparse_fwd(qf, kf, vf, fq, fk, g, gm, indices.reshape(B * T, H, -1), meta, block_size=block_size,
                       scale=D ** -0.5)
     return [x.view(B, T, *x.shape[1:]) for x in outs]

@@ -127,16 +127,13 @@ def _gpu_inputs(T, HQ, H, D, dtype, seed):
 
 def _fp32_grads_on_indices(inputs, indices, bs, fmap, ws):
     """fp32 Triton forward stages + backward on given indices (ieee dots): the reference for 16-bit runs."""
-    from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd
-    from spla.ops.spla.parallel import LINEAR_CHUNK, _prepare_meta, parallel_spla_bwd, sparse_fwd
+    from spla.ops.spla.parallel import _prepare_meta, linear_branch_fwd, parallel_spla_bwd, sparse_fwd
     q, k, v, ql, kl = (x.float().contiguous() for x in inputs)
     B, T, HQ, D = q.shape
     H = k.shape[2]
     scale = D ** -0.5
     meta = _prepare_meta((0, T), bs, 1, q.device)
-    fq = feature_map_fwd(ql[0], fmap, torch.float32)
-    fk = feature_map_fwd(kl[0], fmap, torch.float32)
-    g, gm = global_linear_fwd(fq, fk, v[0], meta, LINEAR_CHUNK)
+    fq, fk, g, gm = linear_branch_fwd(ql[0], kl[0], v[0], meta, fmap, torch.float32)
     lse = q.new_empty(T, HQ)
     o, _, _ = sparse_fwd(q[0], k[0], v[0], fq, fk, g, gm, indices.reshape(T, H, -1), meta, block_size=bs,
                          scale=scale, lse=lse)

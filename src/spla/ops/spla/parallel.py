@@ -872,6 +872,26 @@ def select_fwd(q: torch.Tensor, stats, meta: dict, *, H: int, block_size: int, t
     return indices
 
 
+def select_packed_fwd(q: torch.Tensor, k: torch.Tensor, meta: dict, *, H: int, block_size: int, tile: int,
+                      topk: int, sink_blocks: int, local_blocks: int, selection: str, rep_keys: int, scale: float,
+                      stats_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Block statistics of packed `[T, H, D]` keys, then the selection of packed `[T, HQ, D]` queries: the
+    `[T, H, topk]` int32 block ids of :func:`select_fwd` (statistics stored in ``stats_dtype``)."""
+    stats = block_stats_fwd(k, meta, block_size, rep_keys, selection == "taylor2", stats_dtype)
+    return select_fwd(q, stats, meta, H=H, block_size=block_size, tile=tile, topk=topk, sink_blocks=sink_blocks,
+                      local_blocks=local_blocks, selection=selection, rep_keys=rep_keys, scale=scale)
+
+
+def linear_branch_fwd(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor, meta: dict, feature_map_name: str,
+                      dtype: torch.dtype):
+    """The residual branch's inputs to the sparse stage, packed: phi(q) `[T, HQ, F]`, phi(k) `[T, H, F]` (in
+    ``dtype``) and the causal global linear term `[T, HQ, DV]` with its mass `[T, HQ]` (fp32)."""
+    fq = feature_map_fwd(q_lin, feature_map_name, dtype)
+    fk = feature_map_fwd(k_lin, feature_map_name, dtype)
+    glob, glob_mass = global_linear_fwd(fq, fk, v, meta, LINEAR_CHUNK)
+    return fq, fk, glob, glob_mass
+
+
 def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True,
                lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                work: Optional[torch.Tensor] = None, out: Optional[tuple] = None, bk: Optional[int] = None):
@@ -1218,14 +1238,13 @@ def parallel_spla_fwd(q, k, v, q_lin, k_lin, *, block_size, topk, sink_blocks, l
                                     local_blocks=local_blocks, selection=selection, cov=cov, rep_keys=rep_keys,
                                     scale=scale, cu_seqlens=cu_seqlens).reshape(B * T, H, topk)
     else:
-        stats = block_stats_fwd(kf, meta, block_size, rep_keys, selection == "taylor2", selection_stats_dtype(q))
-        indices = select_fwd(qf, stats, meta, H=H, block_size=block_size, tile=tile, topk=topk,
-                             sink_blocks=sink_blocks, local_blocks=local_blocks, selection=selection,
-                             rep_keys=rep_keys, scale=scale)
+        indices = select_packed_fwd(qf, kf, meta, H=H, block_size=block_size, tile=tile, topk=topk,
+                                    sink_blocks=sink_blocks, local_blocks=local_blocks, selection=selection,
+                                    rep_keys=rep_keys, scale=scale, stats_dtype=selection_stats_dtype(q))
     if residual:
-        fq = feature_map_fwd(q_lin.reshape(B * T, HQ, -1).contiguous(), feature_map_name, dtype)
-        fk = feature_map_fwd(k_lin.reshape(B * T, H, -1).contiguous(), feature_map_name, dtype)
-        glob, glob_mass = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
+        fq, fk, glob, glob_mass = linear_branch_fwd(q_lin.reshape(B * T, HQ, -1).contiguous(),
+                                                    k_lin.reshape(B * T, H, -1).contiguous(), vf, meta,
+                                                    feature_map_name, dtype)
     else:  # placeholders: with lin=False the kernels read none of them and write o_rla = rla_mass = 0
         fq, fk, glob, glob_mass = qf, kf, qf, qf
     path = SPARSE_PATH if SPARSE_PATH != "auto" else _sparse_path(G)
