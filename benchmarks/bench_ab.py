@@ -23,8 +23,9 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from inputs import DATA, attention_inputs  # noqa: E402
 from spla import spla_attn  # noqa: E402
-from spla.ops.spla.parallel import (_prepare_meta, _topk_tile, linear_branch_fwd, select_packed_fwd,  # noqa: E402
-                                    sparse_union_fwd)
+from spla.ops.spla.linear import feature_map_fwd, global_linear_fwd  # noqa: E402
+from spla.ops.spla.parallel import (LINEAR_CHUNK, SPARSE_LAUNCH, _prepare_meta, _topk_tile, block_stats_fwd,  # noqa: E402
+                                    select_fwd, sparse_union_fwd)
 
 
 def bench(fn, rep: int) -> float:
@@ -39,12 +40,24 @@ def run(tag: str, T: int, HQ: int, H: int, D: int, data: str, bs: int = 64, topk
         qf, kf, vf = q[0], k[0], v[0]
         tile = _topk_tile(bs, HQ // H)
         meta = _prepare_meta((0, T), bs, tile, q.device)
-        idx = select_packed_fwd(qf, kf, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1,
-                                local_blocks=2, selection="taylor2", rep_keys=1, scale=scale)
-        fq, fk, glob, gm = linear_branch_fwd(qf, kf, vf, meta, "softmax2", q.dtype)
+        # the stage functions themselves, not parallel.py's later helpers: this script also runs against older trees
+        stats = block_stats_fwd(kf, meta, bs, 1, True)
+        idx = select_fwd(qf, stats, meta, H=H, block_size=bs, tile=tile, topk=topk, sink_blocks=1, local_blocks=2,
+                         selection="taylor2", rep_keys=1, scale=scale)
+        fq, fk = feature_map_fwd(qf, "softmax2", q.dtype), feature_map_fwd(kf, "softmax2", q.dtype)
+        glob, gm = global_linear_fwd(fq, fk, vf, meta, LINEAR_CHUNK)
         union = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile, max_load=1.0,
                                                block_size=bs, scale=scale), 20)
         fwd = bench(lambda: spla_attn(q, k, v, backend="triton", **opts), 20)
+        tma = "union_tma" in SPARSE_LAUNCH  # trees before the TMA key loads have no such setting
+        if tma:
+            ref = sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile, max_load=1.0, block_size=bs,
+                                   scale=scale)
+            got = sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile, max_load=1.0, block_size=bs,
+                                   scale=scale, tma=True)
+            tma_err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref))
+            union_tma = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile,
+                                                       max_load=1.0, block_size=bs, scale=scale, tma=True), 20)
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
     out = spla_attn(qs, ks, vs, backend="triton", **opts)
     grads = (torch.randn_like(out.o_sparse), torch.randn_like(out.o_rla))
@@ -56,7 +69,8 @@ def run(tag: str, T: int, HQ: int, H: int, D: int, data: str, bs: int = 64, topk
 
     rec = dict(union_ms=union, fwd_ms=fwd, fwd_bwd_ms=bench(fwd_bwd, 10))
     print(f"AB {tag} {torch.cuda.get_device_name()} T={T} {HQ}/{H} {data}: union stage (every tile) "
-          f"{rec['union_ms']:.2f} ms | forward {rec['fwd_ms']:.2f} ms | forward+backward {rec['fwd_bwd_ms']:.1f} ms",
+          f"{rec['union_ms']:.2f} ms | forward {rec['fwd_ms']:.2f} ms | forward+backward {rec['fwd_bwd_ms']:.1f} ms"
+          + (f" | union stage, TMA key loads {union_tma:.2f} ms (rel. err. {tma_err:.1e})" if tma else ""),
           flush=True)
     torch.cuda.empty_cache()
     return rec

@@ -222,7 +222,11 @@ SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, 
                          + [dict(tile_x=x, bk=32, num_warps=4, num_stages=st) for x, st in ((0.5, 2), (0.5, 3), (2, 2))]
                          + [dict(tile_x=0.5, num_warps=4, num_stages=st) for st in (1, 3)]
                          # the fallback threshold with the fastest setting on AR(1) data (bk 32, 4 warps, 2 stages)
-                         + [dict(bk=32, num_warps=4, num_stages=2, max_load=m) for m in (0.125, 0.25, 0.5, 1.0)]}
+                         + [dict(bk=32, num_warps=4, num_stages=2, max_load=m) for m in (0.125, 0.25, 0.5, 1.0)]
+                         # key sub-tiles as TMA bulk copies (SPARSE_LAUNCH["union_tma"]), every tile on the union
+                         # kernel: against the max_load=1.0 setting just above
+                         + [dict(bk=32, num_warps=4, num_stages=st, max_load=1.0, tma=True) for st in (2, 3)]
+                         + [dict(bk=64, num_warps=4, num_stages=2, max_load=1.0, tma=True)]}
 
 
 def sweep_setting(setting: dict, tile: int, G: int):
@@ -238,7 +242,8 @@ def sweep_setting(setting: dict, tile: int, G: int):
 
 def sweep_sparse(T, HQ, H, D, data="random", quick=False):
     """Time the sparse stages (KV-major, token-major, query-tile union) under each setting of SPARSE_SWEEP
-    (``quick``: the KV-major and token-major paths at their first setting only, the union stage at its last six)."""
+    (``quick``: the KV-major and token-major paths at their first setting only, the union stage at its last nine:
+    the fallback thresholds and the TMA loads)."""
     dt = torch.bfloat16
     q, k, v = (x[0] for x in attention_inputs(1, T, HQ, H, D, data=data, dtype=dt))
     G, scale = HQ // H, D ** -0.5
@@ -254,7 +259,7 @@ def sweep_sparse(T, HQ, H, D, data="random", quick=False):
         for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd), ("union", union)):
             settings = SPARSE_SWEEP[path]
             if quick:
-                settings = settings[-6:] if path == "union" else settings[:1]
+                settings = settings[-9:] if path == "union" else settings[:1]
             for st in settings:
                 st = sweep_setting(st, tile, G)
                 if st is None:

@@ -239,6 +239,28 @@ def test_union_tile_and_key_subtiles(utile, bk, monkeypatch):
         P.sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=12, **sp)
 
 
+@pytest.mark.parametrize("bk,lin", [(32, True), (64, False)])
+def test_union_tma_key_loads(bk, lin):
+    """The union stage with its key sub-tiles loaded through tensor descriptors (``tma=True``, Hopper bulk copies;
+    the interpreter emulates them, zero past the tensor) gives the token-major stage's o, o_rla, rla_mass and lse
+    on every row: packed odd lengths (blocks running past a sequence's end into the next one, and past the tensor),
+    G = 3, 32- and 64-key sub-tiles, with and without the linear branch, poisoned buffers. Heads whose channels
+    are not a power of two get no descriptors (pointer loads)."""
+    import spla.ops.spla.parallel as P
+    T, HQ = 203, 6
+    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, (0, 150, 203))
+    if not lin:
+        fq, fk = qf, kf
+    lse_ref, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
+    ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse_ref, lin=lin, **sp)
+    out = P.sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, max_load=1.0, lin=lin,
+                             tma=True, **sp)
+    for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (lse_ref,)):
+        assert_close(f"tma bk={bk} lin={lin} {name}", b, a, 1e-5)
+    assert P._key_descriptors(kf, vf, fk, bk) is not None
+    assert P._key_descriptors(kf[..., :48].contiguous(), vf, fk, bk) is None
+
+
 def test_union_split():
     """The fallback split: (tile, head) pairs with small unions, and every token (not past its sequence) of the
     others, per head."""
@@ -441,7 +463,8 @@ def _triton_fp32_on_indices(q, k, v, indices, block_size):
 
 @pytest.mark.gpu
 def test_gpu_sparse_paths_agree(monkeypatch):
-    """bf16 at T=8k, GQA 4: the token-major, KV-major and query-tile union sparse stages give the same outputs; the KV-major
+    """bf16 at T=8k, GQA 4: the token-major, KV-major and query-tile union sparse stages (also with TMA key loads)
+    give the same outputs; the KV-major
     stage is deterministic (its selected linear terms are summed by the merge, not by atomics) and agrees with
     its atomic variant (``deterministic=False``)."""
     import spla.ops.spla.parallel as P
@@ -463,7 +486,9 @@ def test_gpu_sparse_paths_agree(monkeypatch):
     uni_fallback = spla_attn(q, k, v, backend="triton")  # every tile per token (KV-major for G = 4)
     monkeypatch.setattr(P, "UNION_MAX_LOAD", 1.0)
     uni_all = spla_attn(q, k, v, backend="triton")  # every tile through the union kernel
-    for other in (kv, uni, uni_fallback, uni_all):
+    monkeypatch.setitem(P.SPARSE_LAUNCH, "union_tma", True)
+    uni_tma = spla_attn(q, k, v, backend="triton")  # the same, key sub-tiles as TMA bulk copies
+    for other in (kv, uni, uni_fallback, uni_all, uni_tma):
         assert torch.equal(other.indices, tok.indices)
         for n in OUTS:
             assert_close(n, getattr(tok, n).float(), getattr(other, n).float(), 1e-2)

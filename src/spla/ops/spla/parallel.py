@@ -362,14 +362,21 @@ def _query_rows(q, fq, p_row, m_r, o_d, m_d, o_f, m_f, D: tl.constexpr, F: tl.co
 @triton.jit
 def _attend_subtile(b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
                     qk_scale, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DOT_PREC: tl.constexpr,
-                    CDT: tl.constexpr, LIN: tl.constexpr):
+                    CDT: tl.constexpr, LIN: tl.constexpr, tma_row=0, tma_h=0, TMA: tl.constexpr = False):
     """One key sub-tile of the sparse stage for a set of query rows: loads K, V (and phi(k)) of keys ``p_kv``
     (``m_p`` real keys), then the online-softmax update of (max, sum, output) with scores masked by ``m_s``
     (rows x keys; rows that see none of them keep their state, also while at -inf) and, over the same tiles, the
-    selected linear term and its mass. Returns the updated (max, sum, output, linear term, mass)."""
+    selected linear term and its mass. Returns the updated (max, sum, output, linear term, mass).
+    With ``TMA``, ``k, v, fk`` are tensor descriptors of the `[T, H * D]` views, and the sub-tile is the
+    consecutive keys from packed row ``tma_row`` of KV head ``tma_h`` (one bulk copy each, no per-element
+    addresses; keys past the tensor read as 0, keys of ``m_p`` False are read but get no weight)."""
     # [BK, BD], [BK, BDV]
-    b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
-    b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
+    if TMA:
+        b_k = k.load([tma_row, tma_h * D]).to(CDT)
+        b_v = v.load([tma_row, tma_h * DV]).to(CDT)
+    else:
+        b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.).to(CDT)
+        b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.).to(CDT)
     # [rows, BK]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
     b_s = tl.where(m_s, b_s, float('-inf'))
@@ -380,7 +387,10 @@ def _attend_subtile(b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f
     b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(CDT), b_v, input_precision=DOT_PREC)
     if LIN:
         # [BK, BF]
-        b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.).to(CDT)
+        if TMA:
+            b_fk = fk.load([tma_row, tma_h * F]).to(CDT)
+        else:
+            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.).to(CDT)
         b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
         b_lin += tl.dot(b_w.to(CDT), b_v, input_precision=DOT_PREC)
         b_ms += tl.sum(b_w, 1)
@@ -520,12 +530,14 @@ def spla_fwd_kernel_sparse_union(
     CDT: tl.constexpr,
     LIN: tl.constexpr = True,
     STORE_LSE: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """Query-tile sparse attention: one program per (tile of BT consecutive tokens, KV head) walks the union of the
     blocks its tokens selected, loading each once for all BT x G rows; a row attends to a block's keys only where
     its token selected the block (and causally). Per row the blocks come in the same ascending order as in
     ``spla_fwd_kernel_sparse`` (a block a row did not select leaves its online softmax unchanged), and the
-    outputs are written directly: no partials, no atomics."""
+    outputs are written directly: no partials, no atomics. ``TMA``: ``k, v, fk`` are tensor descriptors of
+    their `[T, H * D]` views, each key sub-tile one bulk copy (:func:`_attend_subtile`)."""
     e = tl.load(work + tl.program_id(0)).to(tl.int64)
     i_n, i_h = e // H, e % H
     bos = tl.load(tile_bos + i_n).to(tl.int64)
@@ -573,7 +585,7 @@ def spla_fwd_kernel_sparse_union(
         # rows that see nothing of this sub-tile keep their state
         b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
             b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin, b_ms,
-            qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
+            qk_scale, D, DV, F, DOT_PREC, CDT, LIN, (bos + j * BS + s0).to(tl.int32), i_h.to(tl.int32), TMA)
     # every valid row sees at least itself (its own block is always selected)
     b_li = tl.where(m_r, b_li, 1.)
     m_o = m_r[:, None] & m_v[None, :]
@@ -991,11 +1003,26 @@ def _union_tiling(meta: dict, G: int, tile: Optional[int], bk: int, block_size: 
     return tile, meta, max(16, min(bk, triton.next_power_of_2(block_size)))
 
 
+def _key_descriptors(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, bk: int):
+    """Tensor descriptors (Hopper TMA) of packed `[T, H, *]` K, V and phi(k) as `[T, H * *]` matrices, each with a
+    box of ``bk`` keys by one head's channels; ``(None, None, None)`` where a bulk copy does not apply (a head
+    dimension not a power of two, or rows not 16-byte aligned): None."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    out = []
+    for x in (k, v, fk):
+        T, H, C = x.shape
+        if (C & (C - 1) or not x.is_contiguous() or x.data_ptr() % 16
+                or (H * C * x.element_size()) % 16 or C * x.element_size() < 16):
+            return None
+        out.append(TensorDescriptor.from_tensor(x.view(T, H * C), [bk, C]))
+    return tuple(out)
+
+
 def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
                      tile: Optional[int] = None, lin: bool = True, lse: Optional[torch.Tensor] = None,
                      num_warps: Optional[int] = None, num_stages: Optional[int] = None, bk: Optional[int] = None,
                      max_load: Optional[float] = None, deterministic: Optional[bool] = None,
-                     fallback_path: Optional[str] = None):
+                     fallback_path: Optional[str] = None, tma: Optional[bool] = None):
     """Query-tile sparse stage (``spla_fwd_kernel_sparse_union``): per tile of ``tile`` consecutive tokens (the
     selection's tiles, ``meta``) and KV head, the union of their selected blocks is loaded once for all their rows.
     Returns (o, o_rla, rla_mass) as :func:`sparse_fwd`; the same outputs up to rounding. It reads
@@ -1013,7 +1040,8 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     ``tile`` (default ``SPARSE_LAUNCH["union_tile"]``, else the selection's tile that ``meta`` was made for): tokens
     per union tile, raised to at least 16 rows (tokens x padded group heads); a smaller tile has a smaller union
     (less score work per row) and fewer rows per matrix product. ``bk`` (default ``SPARSE_LAUNCH["union_bk"]``):
-    keys per sub-tile of a block."""
+    keys per sub-tile of a block. ``tma`` (default ``SPARSE_LAUNCH["union_tma"]``): load the key sub-tiles as
+    bulk tensor copies (:func:`_key_descriptors`; pointer loads where it does not apply)."""
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G = HQ // H
@@ -1027,13 +1055,16 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
     o, o_rla, rla_mass = out
     if work.numel() > 0:
+        desc = _key_descriptors(k, v, fk, bk) if (SPARSE_LAUNCH["union_tma"] if tma is None else tma) else None
+        kk, vv, ff = desc or (k, v, fk)
         spla_fwd_kernel_sparse_union[(work.numel(),)](
-            q, k, v, fq, fk, glob, glob_mass, indices, ulist, ucount, work, meta["tile_bos"], meta["tile_t0"],
+            q, kk, vv, fq, ff, glob, glob_mass, indices, ulist, ucount, work, meta["tile_bos"],
+            meta["tile_t0"],
             meta["tile_len"], o, o_rla, rla_mass, rla_mass if lse is None else lse, scale,
             HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), DV=DV,
             BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=bk, BT=tile, TOPK=topk,
             BTOPK=triton.next_power_of_2(topk), UMAX=ulist.shape[-1], DOT_PREC=_dot_prec(q.dtype),
-            CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None,
+            CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None, TMA=desc is not None,
             num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
     if fallback is None or fallback.numel() > 0:  # None: every row (UNION_MIN_SHARE)
         if (fallback_path or _dense_path(G)) == "kv":
@@ -1067,9 +1098,13 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # - union_tile / union_bk (union_bwd_tile / union_bwd_bk: the backward's): the union tile (None: the selection's
 #   tile, 16 tokens for G = 4, 4 for G = 16) and keys per sub-tile; `--sweep-sparse` times smaller ones for the
 #   forward (smaller unions, less shared memory per stage), kernel_resources.py compiles both.
+# - union_tma: the forward union kernel loads its key sub-tiles (K, V, phi(k): consecutive keys of one head) as
+#   Hopper bulk tensor copies through tensor descriptors instead of per-element pointer loads (fewer instructions
+#   per sub-tile, copies the pipeline can run ahead); off until timed against the pointer loads (bench_ab.py).
 SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
                      union_stages=2, union_tile=None, union_bk=32, union_bwd_warps=8, union_bwd_stages=2,
-                     union_bwd_tile=None, union_bwd_bk=64, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8, kvb_stages=1)
+                     union_bwd_tile=None, union_bwd_bk=64, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8, kvb_stages=1,
+                     union_tma=False)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
