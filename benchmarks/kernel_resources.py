@@ -248,7 +248,9 @@ def run_backward(records: list, HQ: int, H: int, D: int, dtype: torch.dtype):
                 (f" tile={half}", "union", True, dict(union_bwd_tile=half)),
                 (f" tile={half} 4 warps", "union", True, dict(union_bwd_tile=half, union_bwd_warps=4)),
                 (" bk=32", "union", True, dict(union_bwd_bk=32)),
-                (" bk=32 4 warps", "union", True, dict(union_bwd_bk=32, union_bwd_warps=4)))
+                (" bk=32 4 warps", "union", True, dict(union_bwd_bk=32, union_bwd_warps=4)),
+                (" tma", "union", True, dict(union_bwd_tma=True)),
+                (" bk=32 tma", "union", True, dict(union_bwd_bk=32, union_bwd_tma=True)))
     try:
         for tag, sp, det, over in variants:
             P.SPARSE_PATH = sp

@@ -192,17 +192,20 @@ def test_union_backward_vs_torch(T, HQ, H, D, Dv, cu, load, residual, monkeypatc
             assert_close(f"union {'det' if det else 'atomic'} d{n}", b, a, 2e-5)
 
 
-@pytest.mark.parametrize("utile,bk", [(4, 32), (2, 16), (16, 64)])
-def test_union_backward_tile_and_key_subtiles(utile, bk, monkeypatch):
+@pytest.mark.parametrize("utile,bk,tma", [(4, 32, False), (2, 16, False), (16, 64, False), (4, 32, True)])
+def test_union_backward_tile_and_key_subtiles(utile, bk, tma, monkeypatch):
     """The union backward over its own tile (``SPARSE_LAUNCH["union_bwd_tile"]``: 4 tokens, 2 raised to the 16-row
     minimum of 4 for G = 3, or the selection's 16) and key sub-tiles of 16 or all 32 keys of a block
     (``union_bwd_bk``), every tile on the union kernel (``UNION_MAX_LOAD`` 1): the torch backend's fp32 gradients,
-    packed odd lengths, both key-gradient passes."""
+    packed odd lengths, both key-gradient passes. ``tma``: forward and backward union kernels load their key
+    sub-tiles through tensor descriptors (``union_tma``, ``union_bwd_tma``)."""
     monkeypatch.setattr(P, "SPARSE_PATH", "union")
     monkeypatch.setattr(P, "UNION_MIN_SHARE", 0.0)  # the union kernel runs wherever unions are small
     monkeypatch.setattr(P, "UNION_MAX_LOAD", 1.0)
     monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_tile", utile)
     monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_bk", bk)
+    monkeypatch.setitem(P.SPARSE_LAUNCH, "union_tma", tma)
+    monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_tma", tma)
     inputs = _inputs(131, 3, 1, 64, seed=13)
     opts = dict(block_size=32, topk=2, sink_blocks=1, local_blocks=1, selection="oracle",
                 cu_seqlens=torch.tensor((0, 90, 131), device=DEVICE))
@@ -212,7 +215,7 @@ def test_union_backward_tile_and_key_subtiles(utile, bk, monkeypatch):
     for det, gs in grads.items():
         for n, a, b in zip(NAMES, gs, ref_grads):
             assert b.abs().sum() > 0, f"{n}: reference gradient is zero, the case tests nothing"
-            assert_close(f"union tile={utile} bk={bk} {'det' if det else 'atomic'} d{n}", b, a, 2e-5)
+            assert_close(f"union tile={utile} bk={bk} tma={tma} {'det' if det else 'atomic'} d{n}", b, a, 2e-5)
 
 
 @pytest.mark.gpu

@@ -1100,11 +1100,12 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 #   forward (smaller unions, less shared memory per stage), kernel_resources.py compiles both.
 # - union_tma: the forward union kernel loads its key sub-tiles (K, V, phi(k): consecutive keys of one head) as
 #   Hopper bulk tensor copies through tensor descriptors instead of per-element pointer loads (fewer instructions
-#   per sub-tile, copies the pipeline can run ahead); off until timed against the pointer loads (bench_ab.py).
+#   per sub-tile, copies the pipeline can run ahead); off until timed against the pointer loads (bench_ab.py);
+#   union_bwd_tma: the same in the backward's union kernel.
 SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
                      union_stages=2, union_tile=None, union_bk=32, union_bwd_warps=8, union_bwd_stages=2,
                      union_bwd_tile=None, union_bwd_bk=64, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8, kvb_stages=1,
-                     union_tma=False)
+                     union_tma=False, union_bwd_tma=False)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
@@ -1362,15 +1363,21 @@ def _store_grad_rows(dq, dfq, p_row, m_r, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale
 @triton.jit
 def _grad_subtile(b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, p_kv, m_p, m_s, o_d, m_d, o_v,
                   m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-                  DOT_PREC: tl.constexpr, CDT: tl.constexpr, LIN: tl.constexpr, ATOMIC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, CDT: tl.constexpr, LIN: tl.constexpr, ATOMIC: tl.constexpr, tma_row=0,
+                  tma_h=0, TMA: tl.constexpr = False):
     """One key sub-tile of the query-side backward for a set of rows: loads K, V (and phi(k)) of keys ``p_kv``
     (``m_p`` real), recomputes p from the saved log-sum-exp under the row x key mask ``m_s``, and accumulates dq
     (unscaled) and the selected linear term's dphi(q). ``ATOMIC``: also adds the keys' dk, dv, dphi(k) with fp32
-    atomics (summed over the rows first). Returns (dq, dphi(q))."""
-    b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
-    b_k = b_k.to(tl.float32).to(CDT)
-    b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
-    b_v = b_v.to(tl.float32).to(CDT)
+    atomics (summed over the rows first). Returns (dq, dphi(q)). ``TMA``: the tiles are loaded as in
+    :func:`_attend_subtile` (``k, v, fk`` tensor descriptors, consecutive keys from row ``tma_row``)."""
+    if TMA:
+        b_k = k.load([tma_row, tma_h * D]).to(CDT)
+        b_v = v.load([tma_row, tma_h * DV]).to(CDT)
+    else:
+        b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.)
+        b_k = b_k.to(tl.float32).to(CDT)
+        b_v = tl.load(v + p_kv[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.)
+        b_v = b_v.to(tl.float32).to(CDT)
     # [rows, BK]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
     b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
@@ -1378,8 +1385,11 @@ def _grad_subtile(b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv,
     b_ds = b_p * (b_dp - b_delta[:, None])
     b_dq += tl.dot(b_ds.to(CDT), b_k, input_precision=DOT_PREC)
     if LIN:
-        b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
-        b_fk = b_fk.to(tl.float32).to(CDT)
+        if TMA:
+            b_fk = fk.load([tma_row, tma_h * F]).to(CDT)
+        else:
+            b_fk = tl.load(fk + p_kv[:, None] * F + o_f[None, :], mask=m_p[:, None] & m_f[None, :], other=0.)
+            b_fk = b_fk.to(tl.float32).to(CDT)
         b_w = tl.where(m_s, tl.dot(b_fq, tl.trans(b_fk), input_precision=DOT_PREC), 0.)
         b_dw = tl.where(m_s, tl.dot(b_ac, tl.trans(b_v), input_precision=DOT_PREC) + b_b[:, None], 0.)
         b_dfq += tl.dot(b_dw.to(CDT), b_fk, input_precision=DOT_PREC)
@@ -1524,11 +1534,13 @@ def spla_bwd_kernel_sparse_union(
     CDT: tl.constexpr,
     ATOMIC: tl.constexpr,
     LIN: tl.constexpr = True,
+    TMA: tl.constexpr = False,
 ):
     """Query-tile backward, the mirror of ``spla_fwd_kernel_sparse_union``: one program per (tile of BT
     consecutive tokens, KV head) walks the union of the blocks its tokens selected, loading each once for all
     BT x G rows, and computes dq, the selected linear term's dphi(q) and delta for its rows (``ATOMIC``: also the
-    keys' dk, dv, dphi(k), one fp32 atomic add per key and union block for the whole tile)."""
+    keys' dk, dv, dphi(k), one fp32 atomic add per key and union block for the whole tile). ``TMA``: ``k, v, fk``
+    are tensor descriptors (:func:`_key_descriptors`), each key sub-tile one bulk copy."""
     e = tl.load(work + tl.program_id(0)).to(tl.int64)
     i_n, i_h = e // H, e % H
     bos = tl.load(tile_bos + i_n).to(tl.int64)
@@ -1565,8 +1577,8 @@ def spla_bwd_kernel_sparse_union(
         m_s = m_rj[:, None] & m_p[None, :] & (o_p[None, :] <= r_t32[:, None])
         b_dq, b_dfq = _grad_subtile(
             b_q, b_doc, b_delta, b_lse, b_fq, b_ac, b_b, k, v, fk, dk, dv, dfk, (bos + o_p.to(tl.int64)) * H + i_h,
-            m_p, m_s,
-            o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, ATOMIC)
+            m_p, m_s, o_d, m_d, o_v, m_v, o_f, m_f, b_dq, b_dfq, scale, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, ATOMIC,
+            (bos + j * BS + s0).to(tl.int32), i_h.to(tl.int32), TMA)
     _store_grad_rows(dq, dfq, p_row, m_r, o_d, m_d, o_f, m_f, b_dq, b_dfq, scale, D, F, LIN)
 
 
@@ -1815,9 +1827,12 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
             ulist, ucount = _tile_unions(idx, umeta, tile)
             uwork, work = _union_split(ucount, umeta, tile, UNION_MAX_LOAD * tile * topk, UNION_MIN_SHARE)
             if uwork.numel() > 0:
+                desc = _key_descriptors(kf, vf, fk, ubk) if SPARSE_LAUNCH["union_bwd_tma"] else None
+                uargs = args[:1] + desc[:2] + args[3:4] + desc[2:] + args[5:] if desc else args
                 spla_bwd_kernel_sparse_union[(uwork.numel(),)](
-                    *args, ulist, ucount, uwork, umeta["tile_bos"], umeta["tile_t0"], umeta["tile_len"], *outs,
-                    GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], **dict(shared, BK=ubk),
+                    *uargs, ulist, ucount, uwork, umeta["tile_bos"], umeta["tile_t0"], umeta["tile_len"], *outs,
+                    GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], TMA=desc is not None,
+                    **dict(shared, BK=ubk),
                     num_warps=SPARSE_LAUNCH["union_bwd_warps"], num_stages=SPARSE_LAUNCH["union_bwd_stages"])
             del ulist, ucount, uwork
         if work is None or work.numel() > 0:
