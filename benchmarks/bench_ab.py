@@ -8,7 +8,9 @@
 B=1, bf16, block 64, top-16, one representative key; by default T = 64k, HQ/H = 32/8, on AR(1) queries (a real
 model's locality, ``inputs.py``) and on random ones. Per data: the query-tile union stage with every tile on the
 union kernel (no fallback), ``spla_attn`` forward, and forward+backward (random output gradients), each the median
-of ``triton.testing.do_bench``. One line per data set, prefixed ``AB <tag>``, so two runs read side by side.
+of ``triton.testing.do_bench``; trees with the TMA key loads (``SPARSE_LAUNCH["union_tma"]``) also time the union
+stage, the forward and forward+backward with them on. One line per data set, prefixed ``AB <tag>``, so two runs read
+side by side.
 """
 
 from __future__ import annotations
@@ -68,9 +70,17 @@ def run(tag: str, T: int, HQ: int, H: int, D: int, data: str, bs: int = 64, topk
         torch.autograd.backward((o.o_sparse, o.o_rla), grads)
 
     rec = dict(union_ms=union, fwd_ms=fwd, fwd_bwd_ms=bench(fwd_bwd, 10))
+    if tma:  # forward and backward with both union kernels on TMA key loads
+        saved = dict(SPARSE_LAUNCH)
+        SPARSE_LAUNCH.update(union_tma=True, union_bwd_tma=True)
+        with torch.no_grad():
+            rec["fwd_tma_ms"] = bench(lambda: spla_attn(q, k, v, backend="triton", **opts), 20)
+        rec["fwd_bwd_tma_ms"] = bench(fwd_bwd, 10)
+        SPARSE_LAUNCH.update(saved)
     print(f"AB {tag} {torch.cuda.get_device_name()} T={T} {HQ}/{H} {data}: union stage (every tile) "
           f"{rec['union_ms']:.2f} ms | forward {rec['fwd_ms']:.2f} ms | forward+backward {rec['fwd_bwd_ms']:.1f} ms"
-          + (f" | union stage, TMA key loads {union_tma:.2f} ms (rel. err. {tma_err:.1e})" if tma else ""),
+          + (f" | TMA key loads: union stage {union_tma:.2f} ms (rel. err. {tma_err:.1e}), forward "
+             f"{rec['fwd_tma_ms']:.2f} ms, forward+backward {rec['fwd_bwd_tma_ms']:.1f} ms" if tma else ""),
           flush=True)
     torch.cuda.empty_cache()
     return rec
