@@ -210,7 +210,10 @@ SPARSE_SWEEP = {"kv": [dict(rows=r, num_warps=w, lin_atomic=a) for a in (False, 
                 # keys per sub-tile (bk): 32 and 16 halve / quarter the shared memory of a pipeline stage, so 3-4
                 # programs fit on an SM instead of 2 (kernel_resources.py); not yet timed
                 "token": [dict(num_warps=4, num_stages=2)] + [dict(bk=b, num_warps=4, num_stages=st)
-                                                              for b, st in ((32, 2), (32, 4), (16, 3), (16, 4))],
+                                                              for b, st in ((32, 2), (32, 4), (16, 3), (16, 4))]
+                         # key sub-tiles as TMA bulk copies (SPARSE_LAUNCH["token_tma"])
+                         + [dict(num_warps=4, num_stages=st, tma=True) for st in (2, 3)]
+                         + [dict(bk=32, num_warps=4, num_stages=2, tma=True)],
                 # the union stage: warps / stages, the fallback threshold, the union tile (``tile_x``: times the
                 # selection's tile, 16 tokens for G = 4, 4 for G = 16) and keys per sub-tile
                 "union": [dict(num_warps=8, num_stages=2, max_load=m) for m in (0.5, 0.25, 1.0)]
@@ -242,8 +245,8 @@ def sweep_setting(setting: dict, tile: int, G: int):
 
 def sweep_sparse(T, HQ, H, D, data="random", quick=False):
     """Time the sparse stages (KV-major, token-major, query-tile union) under each setting of SPARSE_SWEEP
-    (``quick``: the KV-major and token-major paths at their first setting only, the union stage at its last nine:
-    the fallback thresholds and the TMA loads)."""
+    (``quick``: the KV-major path at its first setting only, the token-major one at its first and its TMA ones, the
+    union stage at its last nine: the fallback thresholds and the TMA loads)."""
     dt = torch.bfloat16
     q, k, v = (x[0] for x in attention_inputs(1, T, HQ, H, D, data=data, dtype=dt))
     G, scale = HQ // H, D ** -0.5
@@ -259,7 +262,7 @@ def sweep_sparse(T, HQ, H, D, data="random", quick=False):
         for path, fn in (("kv", sparse_kv_fwd), ("token", sparse_fwd), ("union", union)):
             settings = SPARSE_SWEEP[path]
             if quick:
-                settings = settings[-9:] if path == "union" else settings[:1]
+                settings = dict(union=settings[-9:], token=settings[:1] + settings[-3:]).get(path, settings[:1])
             for st in settings:
                 st = sweep_setting(st, tile, G)
                 if st is None:

@@ -179,18 +179,19 @@ def _stage_inputs(T, HQ, H, D, bs, topk, cu, seed=5):
     return q, k, v, fq, fk, glob, gm, idx, meta, tile, dict(block_size=bs, scale=scale)
 
 
-@pytest.mark.parametrize("bk", [32, pytest.param(16, marks=pytest.mark.slow)])
-def test_token_stage_key_subtiles(bk):
-    """The token-major stage with blocks walked in sub-tiles of 32 or 16 keys (``bk``, a launch setting) gives the
-    outputs and log-sum-exp of whole 64-key blocks, packed odd lengths, G = 3."""
+@pytest.mark.parametrize("bk,tma", [(32, False), pytest.param(16, False, marks=pytest.mark.slow), (64, True)])
+def test_token_stage_key_subtiles(bk, tma):
+    """The token-major stage with blocks walked in sub-tiles of 32 or 16 keys (``bk``, a launch setting), or with
+    its 64-key tiles loaded through tensor descriptors (``tma``, TMA bulk copies), gives the outputs and log-sum-exp
+    of whole 64-key pointer-loaded blocks, packed odd lengths, G = 3."""
     import spla.ops.spla.parallel as P
     T, HQ = 203, 6
     qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, (0, 150, 203))
     lse_ref, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
     ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse_ref, **sp)
-    out = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, **sp)
+    out = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, tma=tma, **sp)
     for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (lse_ref,)):
-        assert_close(f"bk={bk} {name}", b, a, 1e-5)
+        assert_close(f"bk={bk} tma={tma} {name}", b, a, 1e-5)
 
 
 @pytest.mark.parametrize("fallback,det", [("kv", True), ("kv", False), ("token", True)])

@@ -433,7 +433,10 @@ def spla_fwd_kernel_sparse(
     LIN: tl.constexpr = True,
     STORE_LSE: tl.constexpr = False,
     WORK: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
+    """Token-major sparse attention: one program per (token, KV head) walks its selected blocks. ``TMA``: ``k, v,
+    fk`` are tensor descriptors (:func:`_key_descriptors`), each key sub-tile one bulk copy."""
     if WORK:
         e = tl.load(work + tl.program_id(0)).to(tl.int64)
         i_t, i_h = e // H, e % H
@@ -472,7 +475,7 @@ def spla_fwd_kernel_sparse(
         # a sub-tile past the query can be fully masked (the helper keeps -inf rows from producing NaN)
         b_mi, b_li, b_acc, b_lin, b_ms = _attend_subtile(
             b_q, b_fq, k, v, fk, p_kv, m_p, m_p[None, :], o_d, m_d, o_v, m_v, o_f, m_f, b_mi, b_li, b_acc, b_lin,
-            b_ms, qk_scale, D, DV, F, DOT_PREC, CDT, LIN)
+            b_ms, qk_scale, D, DV, F, DOT_PREC, CDT, LIN, (bos + j * BS + s0).to(tl.int32), i_h.to(tl.int32), TMA)
         b_cnt += m_p.to(tl.int32)
     b_o = b_acc / b_li[:, None]
     m_o = m_g[:, None] & m_v[None, :]
@@ -906,10 +909,11 @@ def linear_branch_fwd(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
 
 def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float, lin: bool = True,
                lse: Optional[torch.Tensor] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-               work: Optional[torch.Tensor] = None, out: Optional[tuple] = None, bk: Optional[int] = None):
+               work: Optional[torch.Tensor] = None, out: Optional[tuple] = None, bk: Optional[int] = None,
+               tma: Optional[bool] = None):
     """Sparse attention + selected linear term + residual of packed inputs; returns (o, o_rla, rla_mass).
-    Token-major: one program per (token, KV head). Launch settings (and ``bk``, keys per sub-tile) default to
-    :data:`SPARSE_LAUNCH`.
+    Token-major: one program per (token, KV head). Launch settings (and ``bk``, keys per sub-tile; ``tma``, key
+    sub-tiles as bulk tensor copies) default to :data:`SPARSE_LAUNCH`.
 
     ``lin=False``: no linear branch (fq, fk, glob, glob_mass unread): o_rla and rla_mass are exactly zero.
     ``lse``: an fp32 `[T, HQ]` buffer that receives the log2-sum-exp2 of the scaled scores (for the backward).
@@ -925,15 +929,17 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
     o, o_rla, rla_mass = out
     grid = (T, H) if work is None else (work.numel(), 1)
     if grid[0] > 0:
+        BK = max(16, min(bk or SPARSE_LAUNCH["token_bk"], triton.next_power_of_2(block_size)))
+        desc = _key_descriptors(k, v, fk, BK) if (SPARSE_LAUNCH["token_tma"] if tma is None else tma) else None
+        kk, vv, ff = desc or (k, v, fk)
         spla_fwd_kernel_sparse[grid](
-            q, k, v, fq, fk, glob, glob_mass, indices, meta["tok_bos"], meta["tok_bos"] if work is None else work,
+            q, kk, vv, fq, ff, glob, glob_mass, indices, meta["tok_bos"], meta["tok_bos"] if work is None else work,
             o, o_rla, rla_mass, rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G,
             GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
-            BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size,
-            BK=max(16, min(bk or SPARSE_LAUNCH["token_bk"], triton.next_power_of_2(block_size))), TOPK=topk,
+            BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=BK, TOPK=topk,
             BTOPK=triton.next_power_of_2(topk), DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin,
-            STORE_LSE=lse is not None, WORK=work is not None, num_warps=num_warps or SPARSE_LAUNCH["token_warps"],
-            num_stages=num_stages or SPARSE_LAUNCH["token_stages"])
+            STORE_LSE=lse is not None, WORK=work is not None, TMA=desc is not None,
+            num_warps=num_warps or SPARSE_LAUNCH["token_warps"], num_stages=num_stages or SPARSE_LAUNCH["token_stages"])
     return o, o_rla, rla_mass
 
 
@@ -1101,11 +1107,11 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 # - union_tma: the forward union kernel loads its key sub-tiles (K, V, phi(k): consecutive keys of one head) as
 #   Hopper bulk tensor copies through tensor descriptors instead of per-element pointer loads (fewer instructions
 #   per sub-tile, copies the pipeline can run ahead); off until timed against the pointer loads (bench_ab.py);
-#   union_bwd_tma: the same in the backward's union kernel.
+#   union_bwd_tma / token_tma: the same in the backward's union kernel / the forward's token-major kernel.
 SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
                      union_stages=2, union_tile=None, union_bk=32, union_bwd_warps=8, union_bwd_stages=2,
                      union_bwd_tile=None, union_bwd_bk=64, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8, kvb_stages=1,
-                     union_tma=False, union_bwd_tma=False)
+                     union_tma=False, union_bwd_tma=False, token_tma=False)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
