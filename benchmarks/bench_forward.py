@@ -298,8 +298,9 @@ def main():
     ap.add_argument("--sweep-sparse", action="store_true",
                     help="only time the sparse stage's launch settings (SPARSE_SWEEP) at the given T and heads")
     ap.add_argument("--sweep-quick", action="store_true",
-                    help="with --sweep-sparse: the KV-major and token-major paths at their defaults only, the union "
-                         "stage at the last six settings of SPARSE_SWEEP")
+                    help="with --sweep-sparse: the KV-major path at its default only, the token-major one at its "
+                         "default and TMA settings, the union stage at the last nine settings of SPARSE_SWEEP "
+                         "(fallback thresholds, TMA key loads)")
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--heads", type=str, nargs="+", default=["32,8", "64,4"])
     ap.add_argument("--data", choices=DATA, default="random",
