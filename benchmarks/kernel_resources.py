@@ -51,7 +51,7 @@ SMEM_RESERVED = 1024
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 BS, TOPK = 64, 16
 # the constexprs worth a column (whichever a kernel has)
-SHOW = ("G", "GP", "BT", "BQ", "BK", "KC", "PART", "LIN", "ATOMIC", "WORK", "LIN_ATOMIC", "MODE")
+SHOW = ("G", "GP", "BT", "BQ", "BK", "KC", "PART", "LIN", "ATOMIC", "WORK", "LIN_ATOMIC", "MODE", "TMA", "PDL")
 
 
 class HopperStub(DriverBase):

@@ -257,3 +257,50 @@ def test_triton_decode_on_gpu(dtype, ratio, par_agree, lowp, stats_dtype, monkey
     assert agree["decode"] >= (0.75 if stats_dtype is torch.bfloat16 else 0.9) * n, agree
     assert dk._lowp_scores(xs[0][:, 0], states[1].mean) == (stats_dtype is torch.bfloat16), "scoring operands"
     assert agree["parallel"] >= par_agree * n, agree
+
+
+@pytest.mark.gpu
+def test_gpu_decode_pdl_same_steps(monkeypatch):
+    """Programmatic dependent launches (``LAUNCH["pdl"]``) change when the step's launches start, not what they
+    compute: 40 bf16 steps at 4k context (a block completed on the way), eager and replayed from a CUDA graph,
+    give bit for bit the outputs, selections and caches of plain launches."""
+    from spla.ops.spla import decode_kernels as dk
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    B, HQ, H, D, P, n = 2, 32, 8, 128, 4090, 40
+    xs = [x.cuda() for x in make_inputs(B, P + n, HQ, H, D, seed=3, dtype=torch.bfloat16, requires_grad=False)]
+    runs = []
+    for pdl in (0, 1):
+        monkeypatch.setitem(dk.LAUNCH, "pdl", pdl)
+        st = SPLADecodeState(B, H, D, block_size=64, topk=16, dtype=torch.bfloat16, device="cuda", capacity=P + n)
+        st.prefill(*(x[:, :P] for x in xs))
+        outs = [st.step(*(x[:, t:t + 1] for x in xs)) for t in range(P, P + n // 2)]
+        # the rest replayed from one captured step (inputs copied into the graph's static buffers)
+        static = [x[:, P + n // 2:P + n // 2 + 1].clone() for x in xs]
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (compiles), then undo its token
+            snap = {k: getattr(st, k).clone() for k in ("k", "v", "k_lin", "mean", "second", "reps", "S", "z",
+                                                        "lengths")}
+            st.step(*static)
+            for k, x in snap.items():
+                getattr(st, k).copy_(x)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            gout = st.step(*static)
+        for t in range(P + n // 2, P + n):
+            for s_, x in zip(static, xs):
+                s_.copy_(x[:, t:t + 1])
+            graph.replay()
+            outs.append(type(gout)(*(y.clone() for y in gout)))
+        torch.cuda.synchronize()
+        runs.append((outs, {k: getattr(st, k).clone() for k in ("k", "v", "k_lin", "mean", "second", "reps", "S",
+                                                                 "z", "lengths")}))
+    (o0, c0), (o1, c1) = runs
+    for i, (a, b) in enumerate(zip(o0, o1)):
+        for name in OUTS + ("indices",):
+            assert torch.equal(getattr(a, name), getattr(b, name)), f"step {i}: {name}"
+    for k in c0:
+        assert torch.equal(c0[k], c1[k]), k

@@ -201,6 +201,9 @@ class SPLADecodeState:
         if self.backend == "triton":
             from spla.ops.spla.decode_kernels import decode_attend, decode_select
             self._claim_slot()
+            # contiguous before the step's first launch: a copy between two of its launches would keep the later
+            # one from starting early (decode_kernels.LAUNCH["pdl"])
+            q, k, v, q_lin, k_lin = (x.contiguous() for x in (q, k, v, q_lin, k_lin))
             self.lengths += 1  # the kernels write the token at lengths - 1 and update the state
             indices = decode_select(self, q, new=(k, v, k_lin))
             o, o_rla, mass = decode_attend(self, q, q_lin, indices, new=(k_lin, v))

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from spla.ops.spla.linear import compute_dtype
 from spla.ops.spla.parallel import block_stats_tile
@@ -84,12 +85,16 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
                                  DL: tl.constexpr, BDL: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
                                  BSP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TAYLOR2: tl.constexpr,
                                  BJ: tl.constexpr, APPEND: tl.constexpr, TPP: tl.constexpr = 1,
-                                 NSTAGES: tl.constexpr = 1, LOWP: tl.constexpr = False):
+                                 NSTAGES: tl.constexpr = 1, LOWP: tl.constexpr = False, PDL: tl.constexpr = False):
     """``TPP`` consecutive tiles of ``BJ`` candidate blocks of one (sequence, KV head): log estimates and one
     partial log-sum-exp over them (online across the tiles; ``NSTAGES`` > 1 software-pipelines the tiles' loads).
     With ``APPEND`` the program-0 also writes the newest token to the caches (``_write_token``). ``LOWP``: q and
-    the statistics are bf16 and enter the dots as they are (``_lowp_scores``), else fp32 with tf32x3 dots."""
+    the statistics are bf16 and enter the dots as they are (``_lowp_scores``), else fp32 with tf32x3 dots.
+    ``PDL``: lets the next launch of the step start early (programmatic dependent launch; it waits for this one
+    before it reads what this one writes). The step's first launch itself starts after all earlier work."""
     i_p = tl.program_id(0).to(tl.int64)
+    if PDL:
+        gdc_launch_dependents()
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     # q is loaded beside the length, not after it: the step is bound by memory latency at small batches
@@ -159,14 +164,19 @@ def spla_decode_fwd_kernel_select(lbuf, p_m, p_s, lengths, indices, part, NBS, N
                                   HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                   BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
                                   TOPK: tl.constexpr, KP: tl.constexpr, BNT: tl.constexpr, BC: tl.constexpr,
-                                  MODE: tl.constexpr = 0, NSPLIT: tl.constexpr = 1):
+                                  MODE: tl.constexpr = 0, NSPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
     """Group scores of the blocks of one (sequence, KV head) and their top-k (ascending, -1 padded).
 
     ``MODE`` 0: one program per (sequence, KV head) over all blocks, writes ``indices``. ``MODE`` 1: program
     ``(i_bh, i_sp)`` takes blocks ``i_sp * SPAN ...`` and writes its ``KP`` best packed keys to
     ``part [B*H, NSPLIT, KP]``; ``MODE`` 2: one program per (sequence, KV head) merges the ``NSPLIT`` partial
-    lists into ``indices`` (the top-k split over ``NSPLIT`` programs: two short launches instead of one long)."""
+    lists into ``indices`` (the top-k split over ``NSPLIT`` programs: two short launches instead of one long).
+    ``PDL``: launched as a programmatic dependent of the previous launch: lets the next one start, then waits for
+    the previous one's writes before reading anything."""
     i_bh = tl.program_id(0).to(tl.int64)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     BIG = 2147483647
     NONE = -9223372036854775807 - 1
     INF_BITS = 0x7F800000
@@ -270,15 +280,19 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
                                 BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr,
                                 BDV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr, BS: tl.constexpr,
                                 TOPK: tl.constexpr, FMAP: tl.constexpr, SPLIT: tl.constexpr, UPP: tl.constexpr = 1,
-                                NSTAGES: tl.constexpr = 1, CDT: tl.constexpr = tl.float32):
+                                NSTAGES: tl.constexpr = 1, CDT: tl.constexpr = tl.float32, PDL: tl.constexpr = False):
     """Partials of ``UPP`` consecutive slices of ``BS`` rows each (a slice is 1/``SPLIT`` of a selected block;
     slice ``u`` holds rows ``(u % SPLIT) * BS ...`` of the ``u // SPLIT``-th selected block), merged by an online
     softmax into partial slot ``i_s`` of ``TOPK * SPLIT / UPP``; ``NSTAGES`` > 1 software-pipelines the loads.
     ``CDT``: the dtype of the matrix-unit operands (fp32, or the 16-bit input dtype: half the registers per tile);
     the feature maps, softmax statistics and accumulators stay fp32. With one slice per program (the default) its
     block index is loaded beside q, before the query's feature map: the step is bound by memory latency at small
-    batches, and the K/V loads then wait for one round trip fewer."""
+    batches, and the K/V loads then wait for one round trip fewer. ``PDL`` (programmatic dependent launch): q, its
+    feature map and the length come first, overlapping the selection's tail, then the wait for the selection and
+    only then the block index (q and q_lin are written before the step, never by its launches)."""
     i_bh = tl.program_id(0).to(tl.int64)
+    if PDL:
+        gdc_launch_dependents()
     i_s = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     t = tl.load(lengths + i_b).to(tl.int64) - 1
@@ -288,12 +302,16 @@ def spla_decode_fwd_kernel_attn(q, q_lin, k, v, k_lin, indices, lengths, p_m, p_
     m_d, m_v, m_l = o_d < D, o_v < DV, o_l < DL
     o_i = tl.arange(0, BS)
     rows = i_b * HQ + i_h * G + o_g  # [BG]
-    if UPP == 1:
+    if UPP == 1 and not PDL:
         blk0 = tl.load(indices + i_bh * TOPK + i_s // SPLIT).to(tl.int64)
     b_q = tl.load(q + rows[:, None] * D + o_d[None, :], mask=m_g[:, None] & m_d[None, :], other=0.).to(CDT)
     b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
     fq1, fq2 = _phi(b_ql, m_l, FMAP)
     fq1, fq2 = fq1.to(CDT), fq2.to(CDT)
+    if PDL:
+        gdc_wait()
+        if UPP == 1:
+            blk0 = tl.load(indices + i_bh * TOPK + i_s // SPLIT).to(tl.int64)
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BDV], tl.float32)
@@ -351,7 +369,7 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
                                    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
                                    DV: tl.constexpr, BV: tl.constexpr, DL: tl.constexpr, BDL: tl.constexpr,
                                    F: tl.constexpr, NSLOT: tl.constexpr, KP: tl.constexpr, FMAP: tl.constexpr,
-                                   APPEND: tl.constexpr):
+                                   APPEND: tl.constexpr, PDL: tl.constexpr = False):
     """Log-sum-exp combine of the per-block partials, the global term ``phi(q)·S`` and the subtraction, for one
     (sequence, KV head) and one slice of ``BV`` value channels (the state is read in ``[DL, BV]`` tiles).
     With ``APPEND`` the state first takes the newest token, ``S += phi(k_lin) v^T``, ``z += phi(k_lin)``
@@ -359,7 +377,9 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     the partial slots per row (top-k x attn_split / attn_slices_per_program).
     Every load comes before the first store: a decode step at small batch is bound by memory latency, and the
     compiler cannot move a load above a store that may alias it, so loads placed after the output stores would
-    each wait for their own round trip."""
+    each wait for their own round trip. ``PDL`` (programmatic dependent launch): the state, the query's and new
+    token's features come first, overlapping the attention's tail (nothing of this step's earlier launches writes
+    them), then the wait for the attention and the partials' loads."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -371,12 +391,8 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     m_gv = m_g[:, None] & m_v[None, :]
     o_s = tl.arange(0, KP)
     m_gs = m_g[:, None] & (o_s < NSLOT)[None, :]
-    # loads: the partials' statistics, the query's and the new token's features, the state halves
+    # loads: the query's and the new token's features, the state halves, then the partials' statistics
     t = tl.load(lengths + i_b).to(tl.int64) - 1
-    b_pm = tl.load(p_m + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=float("-inf"))  # [BG, NSLOT]
-    b_pl = tl.load(p_l + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.)
-    b_mass = tl.sum(tl.load(p_mass + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.), 1)
-    n_sel = tl.sum(tl.load(p_cnt + i_bh * NSLOT + o_s, mask=o_s < NSLOT, other=0), 0)
     b_ql = tl.load(q_lin + rows[:, None] * DL + o_l[None, :], mask=m_g[:, None] & m_l[None, :], other=0.).to(tl.float32)
     if APPEND:
         b_kl = tl.load(kl_new + i_bh * DL + o_l, mask=m_l, other=0.).to(tl.float32)
@@ -386,6 +402,12 @@ def spla_decode_fwd_kernel_combine(q_lin, S, z, lengths, p_m, p_l, p_acc, p_lin,
     p_S1, b_S1, b_z1 = _state_half(S + i_bh * F * DV, z + i_bh * F, o_l, o_v, m_l, m_v, DV)
     if F > DL:
         p_S2, b_S2, b_z2 = _state_half(S + (i_bh * F + DL) * DV, z + i_bh * F + DL, o_l, o_v, m_l, m_v, DV)
+    if PDL:
+        gdc_wait()
+    b_pm = tl.load(p_m + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=float("-inf"))  # [BG, NSLOT]
+    b_pl = tl.load(p_l + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.)
+    b_mass = tl.sum(tl.load(p_mass + rows[:, None] * NSLOT + o_s[None, :], mask=m_gs, other=0.), 1)
+    n_sel = tl.sum(tl.load(p_cnt + i_bh * NSLOT + o_s, mask=o_s < NSLOT, other=0), 0)
     # the exact branch: max over the partials, then rescaled sums, every slot's [BG, BV] tile in one [BG, KP, BV]
     # load: a loop over the slots converted each loaded tile to the accumulator's layout through shared memory
     # (a barrier per slot), so each slot's loads waited for the previous slot's
@@ -441,11 +463,30 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=2, topk_chunk=128, topk_warps=4,
               topk_split=16,
               attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, attn_lowp=1, combine_bv=32,
-              combine_warps=4)
+              combine_warps=4, pdl=0)
+# ``pdl=1``: the step's launches after the first are programmatic dependent launches (Hopper and later): each may
+# start while the previous one finishes, loads what no launch of the step writes (q, q_lin, the state), then waits
+# for the previous launch (``gdc_wait``) before reading its outputs. A launch whose inputs needed a copy (not
+# contiguous: the copy would run just before it) is launched plainly. Off until timed (bench_decode.py
+# --launch pdl=1).
 
 
 def _launch(key: str, value):
     return LAUNCH[key] if value is None else value
+
+
+_SM90: dict = {}
+
+
+def _pdl(*xs: torch.Tensor) -> bool:
+    """Whether a launch reading ``xs`` goes as a programmatic dependent launch: ``LAUNCH["pdl"]`` on, a Hopper or
+    later GPU, and every input contiguous (no copy kernel between the launch and the one it depends on)."""
+    if not LAUNCH["pdl"] or not xs[0].is_cuda:
+        return False
+    dev = xs[0].device.index if xs[0].device.index is not None else torch.cuda.current_device()
+    if dev not in _SM90:
+        _SM90[dev] = torch.cuda.get_device_capability(dev)[0] >= 9
+    return _SM90[dev] and all(x.is_contiguous() for x in xs)
 
 
 def _p2(x: int, lo: int = 16) -> int:
@@ -471,13 +512,14 @@ def decode_score(state, q: torch.Tensor, tile: Optional[int] = None, new=None):
     R = state.rep_keys
     Dv, Dl = state.Dv, state.Dl
     k_new, v_new, kl_new = (x.contiguous() for x in new) if new is not None else (q, q, q)
+    pdl = _pdl(q)  # the first launch of the step: not a dependent launch itself, it only lets the next one start
     spla_decode_fwd_kernel_score[(NT, B * H)](
         q.contiguous(), state.mean, state.second, state.reps if R else state.mean, state.lengths, lbuf, p_m, p_s,
         k_new, v_new, kl_new, state.k, state.v, state.k_lin, state.scale, math.log(bs), NB_cap, NBS, NT,
         state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D, BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl),
         R=R, BS=bs, BSP=_p2(bs), SINK=state.sink_blocks, LOCAL=state.local_blocks,
         TAYLOR2=state.selection == "taylor2", BJ=tile, APPEND=new is not None, TPP=tpp,
-        NSTAGES=LAUNCH["score_stages"], LOWP=_lowp_scores(q, state.mean), num_warps=LAUNCH["score_warps"])
+        NSTAGES=LAUNCH["score_stages"], LOWP=_lowp_scores(q, state.mean), PDL=pdl, num_warps=LAUNCH["score_warps"])
     return lbuf, p_m, p_s
 
 
@@ -504,9 +546,10 @@ def decode_topk(state, lbuf: torch.Tensor, p_m: torch.Tensor, p_s: torch.Tensor,
         raise ValueError(f"topk_split={nsplit} must be a power of two")
     span = triton.cdiv(NBS, nsplit)
     BC = max(KP, min(_p2(chunk, 2), _p2(NBS if nsplit == 1 else span, 2)))
+    pdl = _pdl(lbuf, p_m, p_s)
     common = dict(HQ=HQ, H=H, G=HQ // H, BG=_p2(HQ // H), BS=state.block_size, SINK=state.sink_blocks,
                   LOCAL=state.local_blocks, TOPK=topk, KP=KP, BNT=_p2(NT, 2), BC=BC, NSPLIT=nsplit,
-                  num_warps=LAUNCH["topk_warps"])
+                  num_warps=LAUNCH["topk_warps"], PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     if nsplit == 1:
         spla_decode_fwd_kernel_select[(B * H,)](lbuf, p_m, p_s, state.lengths, out, out, NBS, NT, NBS, MODE=0,
                                                 **common)
@@ -551,12 +594,14 @@ def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.
     p_acc = torch.empty(B, HQ, ns, Dv, dtype=torch.float32, device=dev)
     p_lin = torch.empty_like(p_acc)
     p_cnt = torch.empty(B, H, ns, dtype=torch.int32, device=dev)
+    pdl = _pdl(q, q_lin, indices)
     spla_decode_fwd_kernel_attn[(B * H, ns)](
         q.contiguous(), q_lin.contiguous(), state.k, state.v, state.k_lin, indices.contiguous(), state.lengths,
         p_m, p_l, p_acc, p_lin, p_mass, p_cnt, state.scale, state.k.shape[1], HQ=HQ, H=H, G=G, BG=_p2(G), D=D,
         BD=_p2(D), DV=Dv, BDV=_p2(Dv), DL=Dl, BDL=_p2(Dl), BS=bs // split, TOPK=topk, FMAP=_FMAP[state.fmap],
         SPLIT=split, UPP=upp, NSTAGES=LAUNCH["attn_stages"],
-        CDT=compute_dtype(q.dtype) if LAUNCH["attn_lowp"] else tl.float32, num_warps=LAUNCH["attn_warps"])
+        CDT=compute_dtype(q.dtype) if LAUNCH["attn_lowp"] else tl.float32, num_warps=LAUNCH["attn_warps"],
+        PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return p_m, p_l, p_acc, p_lin, p_mass, p_cnt
 
 
@@ -570,11 +615,13 @@ def decode_combine(state, q_lin: torch.Tensor, partials, out_dtype: torch.dtype,
     mass = torch.empty(B, HQ, dtype=torch.float32, device=q_lin.device)
     BV = min(_p2(Dv), LAUNCH["combine_bv"])
     ns = partials[0].shape[-1]  # partial slots: top-k x attn_split / attn_slices_per_program
+    pdl = _pdl(q_lin, *(new or ()))
     kl_new, v_new = (x.contiguous() for x in new) if new is not None else (q_lin, q_lin)
     spla_decode_fwd_kernel_combine[(B * H, triton.cdiv(Dv, BV))](
         q_lin.contiguous(), state.S, state.z, state.lengths, *partials, o, o_rla, mass, kl_new, v_new, HQ=HQ, H=H,
         G=HQ // H, BG=_p2(HQ // H), DV=Dv, BV=BV, DL=Dl, BDL=_p2(Dl), F=state.S.shape[2], NSLOT=ns,
-        KP=_p2(ns, 2), FMAP=_FMAP[state.fmap], APPEND=new is not None, num_warps=LAUNCH["combine_warps"])
+        KP=_p2(ns, 2), FMAP=_FMAP[state.fmap], APPEND=new is not None, num_warps=LAUNCH["combine_warps"],
+        PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return o, o_rla, mass
 
 
