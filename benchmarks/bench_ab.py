@@ -31,7 +31,9 @@ from spla.ops.spla.parallel import (LINEAR_CHUNK, SPARSE_LAUNCH, _prepare_meta, 
 
 
 def bench(fn, rep: int) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=rep)
+    """Median of do_bench over about ``rep`` ms, at least 10 calls (do_bench alone would run a 60 ms call once)."""
+    t = triton.testing.do_bench(fn, warmup=1, rep=1)
+    return triton.testing.do_bench(fn, warmup=max(10, 2 * t), rep=max(rep, 10 * t))
 
 
 def run(tag: str, T: int, HQ: int, H: int, D: int, data: str, bs: int = 64, topk: int = 16) -> dict:

@@ -115,10 +115,11 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
         if LOWP:
             # q and the statistics are bf16: the matrix units take them as they are (fp32 accumulation), and q*q
             # rounded to bf16, the operands of the parallel op's bf16 scoring (spla_fwd_kernel_topk)
+            b_qd = b_q
             b_q2 = (b_q.to(tl.float32) * b_q.to(tl.float32)).to(b_q.dtype)
-        else:
-            b_q = b_q.to(tl.float32)
-            b_q2 = b_q * b_q
+        else:  # a new name: b_q keeps its load's dtype (a compiled branch may not retype it)
+            b_qd = b_q.to(tl.float32)
+            b_q2 = b_qd * b_qd
         for u in tl.range(0, TPP, num_stages=NSTAGES):
             o_j = j0 + u * BJ + tl.arange(0, BJ)
             m_j = (o_j >= SINK) & (o_j < hi)
@@ -126,10 +127,10 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
             m_jd = m_j[:, None] & m_d[None, :]
             if LOWP:
                 b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.)
-                b_l = tl.dot(b_q, tl.trans(b_mean)) * scale  # [BG, BJ]
+                b_l = tl.dot(b_qd, tl.trans(b_mean)) * scale  # [BG, BJ]
             else:
                 b_mean = tl.load(mean + base[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-                b_l = tl.dot(b_q, tl.trans(b_mean), input_precision="tf32x3") * scale  # [BG, BJ]
+                b_l = tl.dot(b_qd, tl.trans(b_mean), input_precision="tf32x3") * scale  # [BG, BJ]
             if TAYLOR2:
                 if LOWP:
                     b_var = tl.trans(tl.load(var + base[:, None] + o_d[None, :], mask=m_jd, other=0.))
@@ -141,10 +142,10 @@ def spla_decode_fwd_kernel_score(q, mean, var, reps, lengths, lbuf, p_m, p_s, k_
                 rbase = (((i_b * NB_cap + o_j) * H + i_h) * R + r) * D
                 if LOWP:
                     b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.)
-                    b_r = tl.dot(b_q, tl.trans(b_rep))
+                    b_r = tl.dot(b_qd, tl.trans(b_rep))
                 else:
                     b_rep = tl.load(reps + rbase[:, None] + o_d[None, :], mask=m_jd, other=0.).to(tl.float32)
-                    b_r = tl.dot(b_q, tl.trans(b_rep), input_precision="tf32x3")
+                    b_r = tl.dot(b_qd, tl.trans(b_rep), input_precision="tf32x3")
                 b_l = tl.maximum(b_l, b_r * scale - log_bs)
             # padded heads get a finite 0 (never stored), non-candidates -inf
             b_l = tl.where(m_g[:, None], b_l, 0.)
