@@ -254,10 +254,12 @@ def test_union_tma_key_loads(bk, lin):
         fq, fk = qf, kf
     lse_ref, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
     ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse_ref, lin=lin, **sp)
-    out = P.sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, max_load=1.0, lin=lin,
-                             tma=True, **sp)
-    for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (lse_ref,)):
-        assert_close(f"tma bk={bk} lin={lin} {name}", b, a, 1e-5)
+    for tma in (True, False):  # the TMA loads (the default) and the pointer loads
+        lse = torch.full_like(lse, float("nan"))
+        out = P.sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, max_load=1.0, lin=lin,
+                                 tma=tma, **sp)
+        for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (lse_ref,)):
+            assert_close(f"tma={tma} bk={bk} lin={lin} {name}", b, a, 1e-5)
     assert P._key_descriptors(kf, vf, fk, bk) is not None
     assert P._key_descriptors(kf[..., :48].contiguous(), vf, fk, bk) is None
 

@@ -1106,12 +1106,15 @@ DETERMINISTIC = os.environ.get("SPLA_DETERMINISTIC", "1") != "0"
 #   forward (smaller unions, less shared memory per stage), kernel_resources.py compiles both.
 # - union_tma: the forward union kernel loads its key sub-tiles (K, V, phi(k): consecutive keys of one head) as
 #   Hopper bulk tensor copies through tensor descriptors instead of per-element pointer loads (fewer instructions
-#   per sub-tile, copies the pipeline can run ahead); off until timed against the pointer loads (bench_ab.py);
-#   union_bwd_tma / token_tma: the same in the backward's union kernel / the forward's token-major kernel.
+#   per sub-tile, copies the pipeline can run ahead). On: H100, 64k, 32/8, AR(1) queries (bench_ab.py, second
+#   session of 2026-12-06) the forward took 33.7-34.0 ms against 35.7-36.2 with pointer loads, the union stage
+#   20.0 against 21.1; on random queries 60.3 against 59.9 (most of their tiles take the fallback).
+#   union_bwd_tma / token_tma: the same in the backward's union kernel / the forward's token-major kernel; off,
+#   not resolved / not timed (forward+backward 131.0 against 134.0 ms with both union kernels on TMA).
 SPARSE_LAUNCH = dict(token_warps=4, token_stages=2, token_bk=64, kv_rows=64, kv_warps=4, kv_stages=2, union_warps=4,
                      union_stages=2, union_tile=None, union_bk=32, union_bwd_warps=8, union_bwd_stages=2,
                      union_bwd_tile=None, union_bwd_bk=64, kvb_rows=64, kvb_lin_rows=32, kvb_warps=8, kvb_stages=1,
-                     union_tma=False, union_bwd_tma=False, token_tma=False)
+                     union_tma=True, union_bwd_tma=False, token_tma=False)
 
 
 def _kv_worklist(idx: torch.Tensor, aoff: torch.Tensor, NBA: int, BQ: int):
