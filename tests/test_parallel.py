@@ -183,10 +183,13 @@ def _stage_inputs(T, HQ, H, D, bs, topk, cu, seed=5):
 def test_token_stage_key_subtiles(bk, tma):
     """The token-major stage with blocks walked in sub-tiles of 32 or 16 keys (``bk``, a launch setting), or with
     its 64-key tiles loaded through tensor descriptors (``tma``, TMA bulk copies), gives the outputs and log-sum-exp
-    of whole 64-key pointer-loaded blocks, packed odd lengths, G = 3."""
+    of whole 64-key pointer-loaded blocks, G = 3: packed odd lengths, or for the bulk copies (which need every
+    sequence length a multiple of the sub-tile) two sequences of 128 and 64 tokens."""
     import spla.ops.spla.parallel as P
-    T, HQ = 203, 6
-    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, (0, 150, 203))
+    T, HQ = (192, 6) if tma else (203, 6)
+    cu = (0, 128, 192) if tma else (0, 150, 203)
+    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, cu)
+    assert P._key_loads(kf, vf, fk, bk, meta, tma)[3] == tma
     lse_ref, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
     ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse_ref, **sp)
     out = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse, bk=bk, tma=tma, **sp)
@@ -243,15 +246,16 @@ def test_union_tile_and_key_subtiles(utile, bk, monkeypatch):
 @pytest.mark.parametrize("bk,lin", [(32, True), (64, False)])
 def test_union_tma_key_loads(bk, lin):
     """The union stage with its key sub-tiles loaded through tensor descriptors (``tma=True``, Hopper bulk copies;
-    the interpreter emulates them, zero past the tensor) gives the token-major stage's o, o_rla, rla_mass and lse
-    on every row: packed odd lengths (blocks running past a sequence's end into the next one, and past the tensor),
-    G = 3, 32- and 64-key sub-tiles, with and without the linear branch, poisoned buffers. Heads whose channels
-    are not a power of two get no descriptors (pointer loads)."""
+    the interpreter emulates them) gives the token-major stage's o, o_rla, rla_mass and lse on every row: two
+    packed sequences whose lengths are multiples of the sub-tile (the only case that takes bulk copies: a sub-tile
+    never crosses into the next sequence), G = 3, 32- and 64-key sub-tiles, with and without the linear branch,
+    poisoned buffers. Odd sequence lengths, and heads whose channels are not a power of two, keep pointer loads."""
     import spla.ops.spla.parallel as P
-    T, HQ = 203, 6
-    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, (0, 150, 203))
+    T, HQ = 192, 6
+    qf, kf, vf, fq, fk, glob, gm, idx, meta, tile, sp = _stage_inputs(T, HQ, 2, 64, 64, 4, (0, 128, 192))
     if not lin:
         fq, fk = qf, kf
+    assert P._key_loads(kf, vf, fk, bk, meta, True)[3]
     lse_ref, lse = torch.empty(T, HQ, device=DEVICE), torch.empty(T, HQ, device=DEVICE)
     ref = P.sparse_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, lse=lse_ref, lin=lin, **sp)
     for tma in (True, False):  # the TMA loads (the default) and the pointer loads
@@ -260,8 +264,10 @@ def test_union_tma_key_loads(bk, lin):
                                  tma=tma, **sp)
         for name, a, b in zip(OUTS + ("lse",), out + (lse,), ref + (lse_ref,)):
             assert_close(f"tma={tma} bk={bk} lin={lin} {name}", b, a, 1e-5)
-    assert P._key_descriptors(kf, vf, fk, bk) is not None
-    assert P._key_descriptors(kf[..., :48].contiguous(), vf, fk, bk) is None
+    odd = P._prepare_meta((0, 150, 203), 64, tile, DEVICE)
+    assert not P._key_loads(kf, vf, fk, bk, odd, True)[3]
+    assert not P._key_loads(kf[..., :48].contiguous(), vf, fk, bk, meta, True)[3]
+    assert not P._key_loads(kf, vf, fk, bk, meta, False)[3]
 
 
 def test_union_split():

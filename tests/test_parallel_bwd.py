@@ -198,7 +198,8 @@ def test_union_backward_tile_and_key_subtiles(utile, bk, tma, monkeypatch):
     minimum of 4 for G = 3, or the selection's 16) and key sub-tiles of 16 or all 32 keys of a block
     (``union_bwd_bk``), every tile on the union kernel (``UNION_MAX_LOAD`` 1): the torch backend's fp32 gradients,
     packed odd lengths, both key-gradient passes. ``tma``: forward and backward union kernels load their key
-    sub-tiles through tensor descriptors (``union_tma``, ``union_bwd_tma``)."""
+    sub-tiles through tensor descriptors (``union_tma``, ``union_bwd_tma``), on sequences of 96 and 128 tokens (bulk
+    copies need every sequence length a multiple of the sub-tile)."""
     monkeypatch.setattr(P, "SPARSE_PATH", "union")
     monkeypatch.setattr(P, "UNION_MIN_SHARE", 0.0)  # the union kernel runs wherever unions are small
     monkeypatch.setattr(P, "UNION_MAX_LOAD", 1.0)
@@ -206,9 +207,12 @@ def test_union_backward_tile_and_key_subtiles(utile, bk, tma, monkeypatch):
     monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_bk", bk)
     monkeypatch.setitem(P.SPARSE_LAUNCH, "union_tma", tma)
     monkeypatch.setitem(P.SPARSE_LAUNCH, "union_bwd_tma", tma)
-    inputs = _inputs(131, 3, 1, 64, seed=13)
+    T, cu = (224, (0, 96, 224)) if tma else (131, (0, 90, 131))
+    inputs = _inputs(T, 3, 1, 64, seed=13)
     opts = dict(block_size=32, topk=2, sink_blocks=1, local_blocks=1, selection="oracle",
-                cu_seqlens=torch.tensor((0, 90, 131), device=DEVICE))
+                cu_seqlens=torch.tensor(cu, device=DEVICE))
+    k0, v0 = inputs[1][0], inputs[2][0]
+    assert P._key_loads(k0, v0, k0, bk, P._prepare_meta(cu, 32, 1, DEVICE), tma)[3] == tma
     tri, grads = _triton_grads_both(inputs, opts, monkeypatch)
     ref, ref_grads = _grads(inputs, "torch", opts)
     assert torch.equal(tri.indices, ref.indices)

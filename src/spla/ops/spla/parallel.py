@@ -369,7 +369,8 @@ def _attend_subtile(b_q, b_fq, k, v, fk, p_kv, m_p, m_s, o_d, m_d, o_v, m_v, o_f
     selected linear term and its mass. Returns the updated (max, sum, output, linear term, mass).
     With ``TMA``, ``k, v, fk`` are tensor descriptors of the `[T, H * D]` views, and the sub-tile is the
     consecutive keys from packed row ``tma_row`` of KV head ``tma_h`` (one bulk copy each, no per-element
-    addresses; keys past the tensor read as 0, keys of ``m_p`` False are read but get no weight)."""
+    addresses; keys of ``m_p`` False inside the sequence are read but get no weight, :func:`_key_loads` keeps
+    sub-tiles from crossing a sequence's end)."""
     # [BK, BD], [BK, BDV]
     if TMA:
         b_k = k.load([tma_row, tma_h * D]).to(CDT)
@@ -436,7 +437,7 @@ def spla_fwd_kernel_sparse(
     TMA: tl.constexpr = False,
 ):
     """Token-major sparse attention: one program per (token, KV head) walks its selected blocks. ``TMA``: ``k, v,
-    fk`` are tensor descriptors (:func:`_key_descriptors`), each key sub-tile one bulk copy."""
+    fk`` are tensor descriptors (:func:`_key_loads`), each key sub-tile one bulk copy."""
     if WORK:
         e = tl.load(work + tl.program_id(0)).to(tl.int64)
         i_t, i_h = e // H, e % H
@@ -930,15 +931,14 @@ def sparse_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: i
     grid = (T, H) if work is None else (work.numel(), 1)
     if grid[0] > 0:
         BK = max(16, min(bk or SPARSE_LAUNCH["token_bk"], triton.next_power_of_2(block_size)))
-        desc = _key_descriptors(k, v, fk, BK) if (SPARSE_LAUNCH["token_tma"] if tma is None else tma) else None
-        kk, vv, ff = desc or (k, v, fk)
+        kk, vv, ff, tma = _key_loads(k, v, fk, BK, meta, SPARSE_LAUNCH["token_tma"] if tma is None else tma)
         spla_fwd_kernel_sparse[grid](
             q, kk, vv, fq, ff, glob, glob_mass, indices, meta["tok_bos"], meta["tok_bos"] if work is None else work,
             o, o_rla, rla_mass, rla_mass if lse is None else lse, scale, HQ=HQ, H=H, G=G,
             GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), DV=DV,
             BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=BK, TOPK=topk,
             BTOPK=triton.next_power_of_2(topk), DOT_PREC=_dot_prec(q.dtype), CDT=compute_dtype(q.dtype), LIN=lin,
-            STORE_LSE=lse is not None, WORK=work is not None, TMA=desc is not None,
+            STORE_LSE=lse is not None, WORK=work is not None, TMA=tma,
             num_warps=num_warps or SPARSE_LAUNCH["token_warps"], num_stages=num_stages or SPARSE_LAUNCH["token_stages"])
     return o, o_rla, rla_mass
 
@@ -1009,19 +1009,26 @@ def _union_tiling(meta: dict, G: int, tile: Optional[int], bk: int, block_size: 
     return tile, meta, max(16, min(bk, triton.next_power_of_2(block_size)))
 
 
-def _key_descriptors(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, bk: int):
-    """Tensor descriptors (Hopper TMA) of packed `[T, H, *]` K, V and phi(k) as `[T, H * *]` matrices, each with a
-    box of ``bk`` keys by one head's channels; ``(None, None, None)`` where a bulk copy does not apply (a head
-    dimension not a power of two, or rows not 16-byte aligned): None."""
+def _key_loads(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, bk: int, meta: dict, use: bool):
+    """The key operands of a sparse kernel with a ``TMA`` option: ``(k, v, fk, True)`` as tensor descriptors (Hopper
+    TMA) of the packed `[T, H, *]` tensors viewed as `[T, H * *]` matrices, each with a box of ``bk`` keys by one
+    head's channels, or ``(k, v, fk, False)`` unchanged for pointer loads: when ``use`` is off, when a head's
+    channels are not a power of two or rows are not 16-byte aligned, or when a sequence's length (``meta["cu"]``)
+    is not a multiple of ``bk``. A bulk copy has no per-key mask, so a sub-tile that ran past a sequence's end would
+    read the next sequence's keys (weighted 0, but a non-finite value there would still leak in); past the tensor's
+    end it reads zeros."""
+    cu = meta["cu"]
+    if not use or any((b - a) % bk for a, b in zip(cu, cu[1:])):
+        return k, v, fk, False
     from triton.tools.tensor_descriptor import TensorDescriptor
     out = []
     for x in (k, v, fk):
         T, H, C = x.shape
         if (C & (C - 1) or not x.is_contiguous() or x.data_ptr() % 16
                 or (H * C * x.element_size()) % 16 or C * x.element_size() < 16):
-            return None
+            return k, v, fk, False
         out.append(TensorDescriptor.from_tensor(x.view(T, H * C), [bk, C]))
-    return tuple(out)
+    return (*out, True)
 
 
 def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_size: int, scale: float,
@@ -1047,7 +1054,7 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     per union tile, raised to at least 16 rows (tokens x padded group heads); a smaller tile has a smaller union
     (less score work per row) and fewer rows per matrix product. ``bk`` (default ``SPARSE_LAUNCH["union_bk"]``):
     keys per sub-tile of a block. ``tma`` (default ``SPARSE_LAUNCH["union_tma"]``): load the key sub-tiles as
-    bulk tensor copies (:func:`_key_descriptors`; pointer loads where it does not apply)."""
+    bulk tensor copies (:func:`_key_loads`; pointer loads where it does not apply)."""
     T, HQ, D = q.shape
     H, DV, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G = HQ // H
@@ -1061,16 +1068,14 @@ def sparse_union_fwd(q, k, v, fq, fk, glob, glob_mass, indices, meta, *, block_s
     out = (q.new_empty(T, HQ, DV), q.new_empty(T, HQ, DV), q.new_empty(T, HQ, dtype=torch.float32))
     o, o_rla, rla_mass = out
     if work.numel() > 0:
-        desc = _key_descriptors(k, v, fk, bk) if (SPARSE_LAUNCH["union_tma"] if tma is None else tma) else None
-        kk, vv, ff = desc or (k, v, fk)
+        kk, vv, ff, tma = _key_loads(k, v, fk, bk, meta, SPARSE_LAUNCH["union_tma"] if tma is None else tma)
         spla_fwd_kernel_sparse_union[(work.numel(),)](
-            q, kk, vv, fq, ff, glob, glob_mass, indices, ulist, ucount, work, meta["tile_bos"],
-            meta["tile_t0"],
+            q, kk, vv, fq, ff, glob, glob_mass, indices, ulist, ucount, work, meta["tile_bos"], meta["tile_t0"],
             meta["tile_len"], o, o_rla, rla_mass, rla_mass if lse is None else lse, scale,
             HQ=HQ, H=H, G=G, GP=GP, D=D, BD=triton.next_power_of_2(D), DV=DV,
             BDV=triton.next_power_of_2(DV), F=F, BF=triton.next_power_of_2(F), BS=block_size, BK=bk, BT=tile, TOPK=topk,
             BTOPK=triton.next_power_of_2(topk), UMAX=ulist.shape[-1], DOT_PREC=_dot_prec(q.dtype),
-            CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None, TMA=desc is not None,
+            CDT=compute_dtype(q.dtype), LIN=lin, STORE_LSE=lse is not None, TMA=tma,
             num_warps=num_warps or SPARSE_LAUNCH["union_warps"], num_stages=num_stages or SPARSE_LAUNCH["union_stages"])
     if fallback is None or fallback.numel() > 0:  # None: every row (UNION_MIN_SHARE)
         if (fallback_path or _dense_path(G)) == "kv":
@@ -1549,7 +1554,7 @@ def spla_bwd_kernel_sparse_union(
     consecutive tokens, KV head) walks the union of the blocks its tokens selected, loading each once for all
     BT x G rows, and computes dq, the selected linear term's dphi(q) and delta for its rows (``ATOMIC``: also the
     keys' dk, dv, dphi(k), one fp32 atomic add per key and union block for the whole tile). ``TMA``: ``k, v, fk``
-    are tensor descriptors (:func:`_key_descriptors`), each key sub-tile one bulk copy."""
+    are tensor descriptors (:func:`_key_loads`), each key sub-tile one bulk copy."""
     e = tl.load(work + tl.program_id(0)).to(tl.int64)
     i_n, i_h = e // H, e % H
     bos = tl.load(tile_bos + i_n).to(tl.int64)
@@ -1836,11 +1841,10 @@ def parallel_spla_bwd(q, k, v, q_lin, k_lin, o, lse, indices, do, do_rla, drla_m
             ulist, ucount = _tile_unions(idx, umeta, tile)
             uwork, work = _union_split(ucount, umeta, tile, UNION_MAX_LOAD * tile * topk, UNION_MIN_SHARE)
             if uwork.numel() > 0:
-                desc = _key_descriptors(kf, vf, fk, ubk) if SPARSE_LAUNCH["union_bwd_tma"] else None
-                uargs = args[:1] + desc[:2] + args[3:4] + desc[2:] + args[5:] if desc else args
+                kk, vv, ff, tma = _key_loads(kf, vf, fk, ubk, meta, SPARSE_LAUNCH["union_bwd_tma"])
                 spla_bwd_kernel_sparse_union[(uwork.numel(),)](
-                    *uargs, ulist, ucount, uwork, umeta["tile_bos"], umeta["tile_t0"], umeta["tile_len"], *outs,
-                    GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], TMA=desc is not None,
+                    qf, kk, vv, fq, ff, *args[5:], ulist, ucount, uwork, umeta["tile_bos"], umeta["tile_t0"],
+                    umeta["tile_len"], *outs, GP=triton.next_power_of_2(G), BT=tile, UMAX=ulist.shape[-1], TMA=tma,
                     **dict(shared, BK=ubk),
                     num_warps=SPARSE_LAUNCH["union_bwd_warps"], num_stages=SPARSE_LAUNCH["union_bwd_stages"])
             del ulist, ucount, uwork
