@@ -97,7 +97,11 @@ SWEEP = dict(
     attn=[dict(attn_split=s, attn_warps=w) for s, w in ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4))]
     + [dict(attn_slices_per_program=n, attn_stages=s, attn_warps=w)
        for n, s, w in ((2, 1, 4), (4, 1, 4), (8, 1, 4), (4, 2, 4), (4, 3, 4), (8, 3, 4), (4, 3, 8))]
-    + [dict(attn_lowp=1, attn_warps=w, attn_slices_per_program=n) for w, n in ((4, 1), (8, 1), (4, 4))],
+    + [dict(attn_lowp=1, attn_warps=w, attn_slices_per_program=n) for w, n in ((4, 1), (8, 1), (4, 4))]
+    # a block's two (four) halves (quarters) in one program: the combine keeps top-k partials, the registers
+    # of a slice are those of attn_split=2 (4)
+    + [dict(attn_split=s, attn_slices_per_program=s, attn_stages=n, attn_warps=w)
+       for s, n, w in ((2, 1, 4), (2, 2, 4), (2, 3, 4), (4, 2, 4), (4, 3, 4), (2, 2, 8))],
     comb=[dict(combine_bv=b, combine_warps=w) for b, w in ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8))],
 )
 

@@ -39,8 +39,8 @@ from inputs import DATA, attention_inputs
 from peers import flex_attention_fn, flex_block_mask, flex_block_sparse
 from spla import spla_attn, topk_attn
 from spla.ops.spla.chunk import selected_token_count
-from spla.ops.spla.parallel import (UNION_MAX_LOAD, _dense_path, _prepare_meta, _sparse_path, _tile_unions,
-                                    _topk_tile, block_stats_fwd, dense_fwd, linear_branch_fwd, select_fwd,
+from spla.ops.spla.parallel import (LINEAR_CHUNK, UNION_MAX_LOAD, _dense_path, _prepare_meta, _sparse_path,
+                                    _tile_unions, _topk_tile, block_stats_fwd, dense_fwd, linear_branch_fwd, select_fwd,
                                     select_packed_fwd, sparse_fwd, sparse_kv_fwd, sparse_union_fwd)
 
 BS, TOPK, SINK, LOCAL, R = 64, 16, 1, 2, 1
@@ -70,7 +70,7 @@ def count(T, HQ, H, D, Dv, Fd, indices):
     keys = selected_token_count(indices, BS, None).sum().item() * G  # (token, query head, key) triples
     sparse_attn = keys * (2 * D + 2 * Dv)
     sparse_lin = keys * (2 * Fd + 2 * Dv)
-    t = torch.arange(T, device="cuda")
+    t = torch.arange(T, device=indices.device)
     c = t // BS
     n_forced = torch.clamp(c + 1, max=SINK) + (c - torch.clamp(c - LOCAL + 1, min=SINK) + 1).clamp(min=0)
     n_cand = (c - LOCAL + 1 - SINK).clamp(min=0)

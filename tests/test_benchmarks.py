@@ -172,3 +172,19 @@ def test_kernels_compile_for_hopper_without_spilling_much():
         r["kernel"] for r in defaults}
     for r in defaults:
         assert int(r["spill_st"]) <= 128 and int(r["ctas_smem"]) >= 1, r
+
+
+def test_forward_flop_count_runs_and_counts_the_selection(monkeypatch):
+    """bench_forward.count (the FLOPs and floor every forward table reports) runs off the GPU and counts the
+    sparse FLOPs from the selection actually made: every visible selected key, for each query head of the group."""
+    import os
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))  # as the script runs
+    from benchmarks.bench_forward import BS, TOPK, count
+    T, HQ, H, D = 3 * BS + 5, 4, 2, 32
+    idx = torch.full((1, T, H, TOPK), -1, dtype=torch.int32)
+    t = torch.arange(T)
+    idx[0, :, :, 0] = (t // BS).int()[:, None]  # each token selects its own block only
+    cnt = count(T, HQ, H, D, D, 2 * D, idx)
+    own = int(((t % BS) + 1).sum())  # causal keys of the own block
+    assert cnt["sparse_attn"] == own * (HQ // H) * H * (2 * D + 2 * D)
+    assert cnt["glob"] > 0 and cnt["bytes"] > 0 and cnt["select"] >= 0
