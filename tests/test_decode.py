@@ -105,7 +105,7 @@ def test_triton_decode_kernels_match_torch(HQ, H, D, opts):
 
 
 # the slow-marked settings run with `make test-slow` (CI keeps one of each kind: split, low precision, top-k split)
-@pytest.mark.parametrize("launch", [dict(attn_split=2, combine_bv=16, score_tile=64),
+@pytest.mark.parametrize("launch", [dict(attn_split=1, combine_bv=16, score_tile=64),
                                     pytest.param(dict(attn_split=2, topk_chunk=16, score_tile=16, attn_warps=8),
                                                  marks=pytest.mark.slow),
                                     pytest.param(dict(score_tile=16, score_tiles_per_program=3, score_stages=2),
@@ -159,9 +159,11 @@ def test_triton_decode_split_must_divide_block():
     q = torch.randn(1, 1, 32)
     idx = torch.zeros(1, 1, 2, dtype=torch.int32)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(dk.LAUNCH, "attn_split", 4)  # slices of 8 rows: refused
+        mp.setitem(dk.LAUNCH, "attn_split", 3)  # does not divide the block: refused
         with pytest.raises(ValueError, match="attn_split"):
             dk.decode_partials(st, q, q, idx)
+        mp.setitem(dk.LAUNCH, "attn_split", 4)  # slices of 8 rows: halved to 2 slices of 16
+        assert dk.decode_partials(st, q, q, idx)[0].shape[-1] == 2 * 2
         mp.setitem(dk.LAUNCH, "attn_split", 1)
         mp.setitem(dk.LAUNCH, "attn_slices_per_program", 3)  # does not divide top-2: refused
         with pytest.raises(ValueError, match="attn_slices_per_program"):

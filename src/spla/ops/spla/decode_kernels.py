@@ -228,12 +228,14 @@ def spla_decode_fwd_kernel_select(lbuf, p_m, p_s, lengths, indices, part, NBS, N
 def _phi(x, m, FMAP: tl.constexpr):
     """Feature map of rows of x `[N, BL]` (mask m `[BL]` of real lanes): returns the two halves (fp32)."""
     if FMAP == 0:  # softmax2: [softmax(x), softmax(-x)] over the real lanes
+        # one reciprocal per row, then products: a division per element is a dozen instructions, and the decode
+        # attention applies this to every row of every selected block
         xp = tl.where(m[None, :], x, float("-inf"))
         ep = tl.exp(xp - tl.max(xp, 1)[:, None])
-        f1 = ep / tl.sum(ep, 1)[:, None]
+        f1 = ep * (1. / tl.sum(ep, 1))[:, None]
         xn = tl.where(m[None, :], -x, float("-inf"))
         en = tl.exp(xn - tl.max(xn, 1)[:, None])
-        f2 = en / tl.sum(en, 1)[:, None]
+        f2 = en * (1. / tl.sum(en, 1))[:, None]
     elif FMAP == 1:  # elu1: elu(x) + 1 (single half; the second is zero)
         f1 = tl.where(m[None, :], tl.where(x > 0, x + 1., tl.exp(tl.minimum(x, 0.))), 0.)
         f2 = tl.zeros_like(f1)
@@ -458,12 +460,16 @@ _FMAP = {"softmax2": 0, "elu1": 1, "relu2": 2}
 #: 4 tiles per scoring program, pipelined in 2 stages, took the scoring from 121-148 to 101 us at batch 8 (the
 #: step from 240 to 190 us); the top-k split over 16 programs of 128 blocks took the top-k from 24.4 to 12.3 us
 #: at batch 1 and from 24.8 to 17.8 us at batch 8; 16-bit attention operands took attention + combine from 72.1
-#: to 62-64 us at batch 8 (the step from 190 to 177 us); ``attn_split=2`` made the attention 2.7 us faster but
-#: the combine, which then merges twice the partials, 7.5 us slower; several blocks per attention program
-#: (merged online) were no faster.
+#: to 62-64 us at batch 8 (the step from 190 to 177 us); several blocks per attention program (merged online)
+#: were no faster. ``attn_split=2`` (the default since the third session of 2026-12-06): on the H200 of 2026-11-28
+#: it made the attention 2.7 us faster and the combine, which merges twice the partials, 7.5 us slower; since the
+#: combine's rewrite, on an H100 at 128k (bench_decode.py, two calls): attention + combine 60.5 -> 51.8 us at batch
+#: 8 and 21.5 -> 19.0 at batch 1 (--sweep), the step 117.5 -> 116.2 and 43.2 -> 40.9 us in the same call (per layer
+#: in a 2-layer graph 113.6 -> 112.9 and 41.2 -> 39.5). Half the rows per program: 128 registers instead of 246,
+#: twice the programs per SM (Nsight Compute: 45 against 48 us at batch 8, occupancy 24% against 12%).
 LAUNCH = dict(score_tile=32, score_warps=4, score_tiles_per_program=4, score_stages=2, topk_chunk=128, topk_warps=4,
               topk_split=16,
-              attn_split=1, attn_slices_per_program=1, attn_stages=1, attn_warps=4, attn_lowp=1, combine_bv=32,
+              attn_split=2, attn_slices_per_program=1, attn_stages=1, attn_warps=4, attn_lowp=1, combine_bv=32,
               combine_warps=4, pdl=1)
 # ``pdl=1``: the step's launches after the first are programmatic dependent launches (Hopper and later): each may
 # start while the previous one finishes, loads what no launch of the step writes (q, q_lin, the state), then waits
@@ -580,13 +586,15 @@ def decode_select(state, q: torch.Tensor, tile: Optional[int] = None, chunk: Opt
 
 def decode_partials(state, q: torch.Tensor, q_lin: torch.Tensor, indices: torch.Tensor):
     """Split-K partials of the newest token over its selected blocks: each selected block is cut into
-    ``LAUNCH["attn_split"]`` slices of its rows, and each program merges ``LAUNCH["attn_slices_per_program"]``
-    consecutive slices into one partial slot."""
+    ``LAUNCH["attn_split"]`` slices of its rows (fewer where a slice would have under 16 rows), and each program
+    merges ``LAUNCH["attn_slices_per_program"]`` consecutive slices into one partial slot."""
     B, HQ, D = q.shape
     H, G, bs, topk = state.H, HQ // state.H, state.block_size, state.topk
     split, upp = LAUNCH["attn_split"], LAUNCH["attn_slices_per_program"]
-    if bs % split or bs // split < 16:
-        raise ValueError(f"attn_split={split} must divide block_size={bs} into slices of >= 16 rows")
+    if split < 1 or split & (split - 1) or bs % split:
+        raise ValueError(f"attn_split={split} must be a power of two that divides block_size={bs}")
+    while split > 1 and bs // split < 16:  # the matrix units need slices of 16 rows or more (small blocks)
+        split //= 2
     if upp < 1 or (topk * split) % upp:
         raise ValueError(f"attn_slices_per_program={upp} must divide topk x attn_split = {topk * split}")
     ns = topk * split // upp
