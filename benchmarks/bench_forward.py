@@ -16,7 +16,9 @@ FLOPs are counted from the actual selection (keys visited, candidates scored); t
 advance and shared by each 128-query block (``benchmarks/peers.py``); ``sparse_vs_flex`` = our sparse stage / it.
 ``sparse_union_ms``: the query-tile union stage (``SPARSE_PATH="union"``), with ``union_blocks`` the mean union of
 selected blocks per tile on this data, ``union_tiles`` the fraction of (tile, KV head) pairs under the fallback
-threshold ``UNION_MAX_LOAD`` (the rest run per token) and ``sparse_union_all_ms`` the time without the fallback.
+threshold ``UNION_MAX_LOAD`` (the rest run per token), ``sparse_union_all_ms`` the time without the fallback and
+``sparse_union_half_ms`` with the threshold at 0.5. ``select_ms`` scores fp32 statistics; ``spla_attn`` (``total_ms``)
+scores 16-bit ones for 16-bit inputs (``STATS_16BIT``), timed as ``select_stats16_ms``.
 ``sparse_ms`` is the stage ``spla_attn`` runs (``sparse_path``: since the fourth session of 2026-12-05 the union
 stage for groups under 8), ``sparse_alt_ms`` the KV-major path beside it (for G < 8 the union stage's fallback,
 for G >= 8 the layout "auto" does not take).
@@ -147,6 +149,10 @@ def run_one(T, HQ, H, D, peak, bw, rows, data="random"):
         rec["union_tiles"] = (ucount <= UNION_MAX_LOAD * tile * TOPK).float().mean().item()
         rec["sparse_union_all_ms"] = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta, tile=tile,
                                                                     max_load=1.0, **sp), rep=20)
+        # a looser threshold: for G >= 8 (4-token tiles, unions of about 21 blocks on AR(1) data, about 55 on
+        # random data) 0.5 would keep local tiles on the union and send random ones per token
+        rec["sparse_union_half_ms"] = bench(lambda: sparse_union_fwd(qf, kf, vf, fq, fk, glob, gm, idx, meta,
+                                                                     tile=tile, max_load=0.5, **sp), rep=20)
         if T <= TOPK * BS:
             rec["dense_kernels_ms"] = bench(lambda: dense_fwd(q, k, v, block_size=BS, topk=TOPK, scale=scale))
         rec["total_ms"] = total
@@ -203,7 +209,7 @@ COLS = ["T", "HQ", "H", "data", "stats_ms", "select_ms", "sparse_ms", "linear_ms
         "select_stats16_ms", "select_stats16_same", "select_alt_warps", "select_alt_warps_ms",
         *(f"select_c{c}_{x}" for c in SELECT_CHUNKS for x in ("ms", "rows_diff", "slots_diff")),
         "sparse_path", "sparse_attn_only_ms", "sparse_alt_ms", "sparse_union_ms", "union_blocks", "union_tiles",
-        "sparse_union_all_ms", "dense_kernels_ms"]
+        "sparse_union_all_ms", "sparse_union_half_ms", "dense_kernels_ms"]
 
 
 #: launch settings timed by --sweep-sparse (parallel.SPARSE_LAUNCH holds the defaults)
